@@ -1,0 +1,18 @@
+//! crystald: CrystalChat inference for small Linux devices.
+//!
+//! Layers, bottom up:
+//! - [`quant`]: tensor storage types (ggml-compatible f32, f16, Q8_0, Q4_0).
+//! - [`gguf`]: the model file format, reader and writer.
+//! - [`model_file`]: the CrystalCoder conventions inside a GGUF file
+//!   (metadata keys, tensor names), shared by the quantizer and the engine.
+//!
+//! With the `runtime` feature (default), the engine and daemon on top.
+
+pub mod gguf;
+pub mod model_file;
+pub mod quant;
+
+#[cfg(feature = "runtime")]
+pub mod sampling;
+#[cfg(feature = "runtime")]
+pub mod tokenizer;
