@@ -16,3 +16,10 @@ pub mod quant;
 pub mod sampling;
 #[cfg(feature = "runtime")]
 pub mod tokenizer;
+#[cfg(feature = "runtime")]
+pub mod kernels;
+#[cfg(feature = "runtime")]
+pub mod model;
+#[cfg(feature = "runtime")]
+pub mod generate;
+pub mod npy;

@@ -1,0 +1,326 @@
+//! The conversion pipeline: HF checkpoint in, one GGUF file out, tensor by
+//! tensor so that peak memory is about the largest tensor, not the model.
+
+use crate::checkpoint::{self, Checkpoint, DType, TensorRef};
+use crate::hf_config;
+use anyhow::{bail, Context, Result};
+use crystald::gguf::{GgufWriter, TensorSpec, Value, KEY_ARCHITECTURE};
+use crystald::model_file::{self, keys, Kind, TensorDesc};
+use crystald::quant::{self, GgmlType};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Which storage type each kind of tensor gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// int4 matrices; the embedding (also the output head) in Q8_0 because
+    /// logits are sensitive to it; norms and biases f32.
+    Q4_0,
+    Q8_0,
+    F16,
+    F32,
+}
+
+impl Preset {
+    pub fn parse(s: &str) -> Option<Preset> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "q4_0" => Preset::Q4_0,
+            "q8_0" => Preset::Q8_0,
+            "f16" => Preset::F16,
+            "f32" => Preset::F32,
+            _ => return None,
+        })
+    }
+
+    pub fn type_for(self, kind: Kind) -> GgmlType {
+        match (self, kind) {
+            (_, Kind::Vector) => GgmlType::F32,
+            (Preset::Q4_0, Kind::Linear) => GgmlType::Q4_0,
+            (Preset::Q4_0 | Preset::Q8_0, _) => GgmlType::Q8_0,
+            (Preset::F16, _) => GgmlType::F16,
+            (Preset::F32, _) => GgmlType::F32,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` value for the dominant type.
+    fn file_type(self) -> u32 {
+        match self {
+            Preset::F32 => 0,
+            Preset::F16 => 1,
+            Preset::Q4_0 => 2,
+            Preset::Q8_0 => 7,
+        }
+    }
+}
+
+pub struct Options {
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub preset: Preset,
+    pub force: bool,
+    pub threads: usize,
+}
+
+/// Progress callbacks; the binary draws a bar or prints lines.
+pub trait Progress {
+    fn start(&mut self, total_bytes: u64, n_tensors: usize);
+    fn tensor_done(&mut self, name: &str, ty: GgmlType, input_bytes_done: u64);
+    fn finish(&mut self);
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub tensors_by_type: BTreeMap<&'static str, usize>,
+    pub params: u64,
+    pub weight_bytes: u64,
+    pub output_bytes: u64,
+    pub input_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn bits_per_weight(&self) -> f64 {
+        self.weight_bytes as f64 * 8.0 / self.params.max(1) as f64
+    }
+    pub fn input_gb_per_s(&self) -> f64 {
+        self.input_bytes as f64 / 1e9 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Removes the temporary output unless the conversion completed.
+struct TempOutput {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub fn temp_path_for(output: &Path) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    output.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
+    let started = Instant::now();
+    if opts.output.exists() && !opts.force {
+        bail!("{} already exists; pass --force to overwrite it", opts.output.display());
+    }
+    let hp = hf_config::read_hparams(&opts.input)?;
+    let (tokenizer_json, special) = hf_config::read_tokenizer(&opts.input)?;
+    let ckpt = Checkpoint::open(&opts.input).with_context(|| format!("cannot open the checkpoint in {}", opts.input.display()))?;
+
+    let descs = model_file::tensor_descs(&hp);
+    // Check every tensor before writing a byte, so a bad checkpoint fails fast.
+    for d in &descs {
+        let t = ckpt.get(&d.hf_name).with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
+        check_tensor(&t, d)?;
+    }
+    let embd = ckpt.get("transformer.wte.weight").expect("checked above");
+    let lm_head = ckpt.get("lm_head.weight");
+    if let Some(h) = &lm_head {
+        if h.shape != embd.shape {
+            bail!("lm_head.weight has shape {:?} but transformer.wte.weight has {:?}; CrystalCoder ties them", h.shape, embd.shape);
+        }
+    }
+
+    let specs: Vec<TensorSpec> = descs
+        .iter()
+        .map(|d| TensorSpec { name: d.name.clone(), dims: d.dims.clone(), ty: opts.preset.type_for(d.kind) })
+        .collect();
+    let input_bytes: u64 = descs.iter().map(|d| ckpt.get(&d.hf_name).unwrap().bytes.len() as u64).sum();
+    progress.start(input_bytes, descs.len());
+
+    let mut metadata: Vec<(String, Value)> = vec![
+        (KEY_ARCHITECTURE.into(), Value::String(model_file::ARCH.into())),
+        (keys::NAME.into(), Value::String(model_name(&opts.input))),
+        (keys::FILE_TYPE.into(), Value::U32(opts.preset.file_type())),
+        (keys::QUANT_VERSION.into(), Value::U32(2)),
+    ];
+    metadata.extend(hp.to_metadata());
+    metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
+    metadata.extend(special.to_metadata());
+
+    let tmp = TempOutput { path: temp_path_for(&opts.output), keep: false };
+    let file = File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
+    let out_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", opts.output.display());
+    let mut w = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), &metadata, specs.clone(), 32).map_err(out_err)?;
+
+    let mut summary = Summary { input_bytes, ..Summary::default() };
+    let mut done_in = 0u64;
+    let mut src = Vec::new();
+    let mut out = Vec::new();
+    let mut laid_out = Vec::new();
+    for (d, spec) in descs.iter().zip(&specs) {
+        let t = ckpt.get(&d.hf_name).unwrap();
+        checkpoint::to_f32(&t, &mut src).with_context(|| format!("reading tensor '{}'", d.hf_name))?;
+        check_finite(&d.hf_name, &src)?;
+        if d.kind == Kind::Embedding {
+            if let Some(h) = &lm_head {
+                verify_tied(h, &src)?;
+                ckpt.release(h);
+            }
+        }
+        ckpt.release(&t);
+        let rows = lay_out(d, &src, &mut laid_out);
+        encode_rows(spec.ty, rows, spec.dims[0] as usize, &mut out, opts.threads);
+        w.write_data(&out).map_err(out_err)?;
+        done_in += t.bytes.len() as u64;
+        *summary.tensors_by_type.entry(spec.ty.name()).or_default() += 1;
+        if d.kind != Kind::Vector {
+            summary.params += spec.dims.iter().product::<u64>();
+            summary.weight_bytes += out.len() as u64;
+        }
+        progress.tensor_done(&d.name, spec.ty, done_in);
+    }
+    let file = w.finish().map_err(out_err)?.into_inner().map_err(|e| out_err(e.into_error()))?;
+    file.sync_all().map_err(out_err)?;
+    summary.output_bytes = file.metadata().map_err(out_err)?.len();
+    drop(file);
+    std::fs::rename(&tmp.path, &opts.output).with_context(|| format!("cannot move the result into place at {}", opts.output.display()))?;
+    let mut tmp = tmp;
+    tmp.keep = true;
+    progress.finish();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn model_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "CrystalChat".into())
+}
+
+fn check_tensor(t: &TensorRef<'_>, d: &TensorDesc) -> Result<()> {
+    if t.shape != d.hf_shape {
+        bail!(
+            "tensor '{}' in {} has shape {:?}, but config.json implies {:?}",
+            d.hf_name,
+            t.file.display(),
+            t.shape,
+            d.hf_shape
+        );
+    }
+    if let DType::Other(name) = &t.dtype {
+        bail!("tensor '{}' in {} has dtype {name}; only f32, f16 and bf16 weights are supported", d.hf_name, t.file.display());
+    }
+    Ok(())
+}
+
+fn check_finite(name: &str, values: &[f32]) -> Result<()> {
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!("tensor '{name}' holds {} at flat index {i}; the checkpoint is corrupt or was saved after a divergence", values[i]);
+    }
+    Ok(())
+}
+
+/// The checkpoint must tie its head to the embedding: a copy that differs
+/// would silently change the model, so it is refused.
+/// Compared in row chunks so a 7B head costs a few MB, not another copy.
+fn verify_tied(lm_head: &TensorRef<'_>, embd: &[f32]) -> Result<()> {
+    let cols = lm_head.shape[1] as usize;
+    let row_bytes = lm_head.bytes.len() / lm_head.shape[0] as usize;
+    const CHUNK_ROWS: usize = 256;
+    let mut head = Vec::new();
+    for (c, bytes) in lm_head.bytes.chunks(CHUNK_ROWS * row_bytes).enumerate() {
+        let part = TensorRef { bytes, shape: vec![(bytes.len() / row_bytes) as u64, cols as u64], dtype: lm_head.dtype.clone(), name: lm_head.name, file: lm_head.file };
+        checkpoint::to_f32(&part, &mut head).context("reading tensor 'lm_head.weight'")?;
+        let base = c * CHUNK_ROWS * cols;
+        if let Some(i) = head.iter().zip(&embd[base..]).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            bail!(
+                "lm_head.weight differs from transformer.wte.weight (first at flat index {}: {} vs {}); CrystalCoder ties them, so this checkpoint is not one",
+                base + i,
+                head[i],
+                embd[base + i]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Puts a checkpoint tensor into file layout: Conv1D weights `[in, out]`
+/// become row-major `[out, in]`, and everything is zero-padded to the file
+/// shape (see `model_file` on padding).
+fn lay_out<'a>(d: &TensorDesc, src: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    let cols = d.dims[0] as usize;
+    let rows = d.dims.get(1).copied().unwrap_or(1) as usize;
+    if d.kind != Kind::Linear && src.len() == rows * cols {
+        return src;
+    }
+    scratch.clear();
+    scratch.resize(rows * cols, 0.0);
+    match d.kind {
+        Kind::Linear => {
+            let (n_in, n_out) = (d.hf_shape[0] as usize, d.hf_shape[1] as usize);
+            transpose_into(src, n_in, n_out, scratch, cols);
+        }
+        _ => scratch[..src.len()].copy_from_slice(src),
+    }
+    scratch
+}
+
+/// `dst[o * dst_stride + i] = src[i * n_out + o]`, in tiles so both sides
+/// stay in cache.
+fn transpose_into(src: &[f32], n_in: usize, n_out: usize, dst: &mut [f32], dst_stride: usize) {
+    const TILE: usize = 64;
+    for i0 in (0..n_in).step_by(TILE) {
+        for o0 in (0..n_out).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(n_in) {
+                let row = &src[i * n_out..(i + 1) * n_out];
+                for o in o0..(o0 + TILE).min(n_out) {
+                    dst[o * dst_stride + i] = row[o];
+                }
+            }
+        }
+    }
+}
+
+/// Encodes rows of `cols` values into `out`, splitting rows across threads.
+fn encode_rows(ty: GgmlType, values: &[f32], cols: usize, out: &mut Vec<u8>, threads: usize) {
+    let row_bytes = ty.row_bytes(cols).expect("file shapes are padded to whole blocks");
+    let n_rows = values.len() / cols;
+    out.clear();
+    out.resize(n_rows * row_bytes, 0);
+    let per = n_rows.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (src, dst) in values.chunks(per * cols).zip(out.chunks_mut(per * row_bytes)) {
+            s.spawn(move || {
+                for (x, y) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(row_bytes)) {
+                    quant::quantize_row(ty, x, y);
+                }
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_pads_with_zeros() {
+        // [in=2, out=3] -> [out=3 (+1 pad row), in=2 (+2 pad cols)]
+        let src = [1., 2., 3., 4., 5., 6.];
+        let mut dst = vec![9.0; 4 * 4];
+        dst.iter_mut().for_each(|v| *v = 0.0);
+        transpose_into(&src, 2, 3, &mut dst, 4);
+        assert_eq!(&dst[..12], &[1., 4., 0., 0., 2., 5., 0., 0., 3., 6., 0., 0.]);
+    }
+
+    #[test]
+    fn preset_types() {
+        assert_eq!(Preset::Q4_0.type_for(Kind::Linear), GgmlType::Q4_0);
+        assert_eq!(Preset::Q4_0.type_for(Kind::Embedding), GgmlType::Q8_0);
+        assert_eq!(Preset::Q4_0.type_for(Kind::Vector), GgmlType::F32);
+        assert_eq!(Preset::F16.type_for(Kind::Embedding), GgmlType::F16);
+    }
+}
