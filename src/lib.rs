@@ -23,3 +23,5 @@ pub mod model;
 #[cfg(feature = "runtime")]
 pub mod generate;
 pub mod npy;
+#[cfg(feature = "runtime")]
+pub mod cpu;

@@ -1,1 +1,35 @@
-fn main() {}
+//! The `crystald` command: the daemon and its tools.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "crystald", version, about = "CrystalChat inference for small Linux devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a reply to one prompt, streamed to stdout.
+    Generate(cli::generate::Args),
+    /// Print the token ids of a text or a chat as a JSON array.
+    Tokenize(cli::tokenize::Args),
+    /// Run token ids through the model: logits at every position and a greedy continuation.
+    Eval(cli::eval::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cli::generate::run(a),
+        Command::Tokenize(a) => cli::tokenize::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("crystald: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,46 @@
+//! Subcommands of the `crystald` binary.
+
+pub mod eval;
+pub mod generate;
+pub mod tokenize;
+
+use anyhow::{Context, Result};
+use crystald::kernels;
+use crystald::model::Model;
+use crystald::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+
+/// Options every command that loads a model takes.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// The GGUF model file (made by crystal-quantize).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Compute threads (default: the physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Kernel set: auto, scalar, avx2, neon (default: CRYSTALD_KERNELS or auto).
+    #[arg(long)]
+    pub kernels: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<(Model, Tokenizer)> {
+        load(&self.model, self.threads, self.kernels.as_deref())
+    }
+}
+
+pub fn load(path: &Path, threads: Option<usize>, kernels: Option<&str>) -> Result<(Model, Tokenizer)> {
+    let k = match kernels {
+        Some(name) => kernels::select(Some(name)),
+        None => kernels::from_env(),
+    }
+    .map_err(anyhow::Error::msg)?;
+    let threads = threads.unwrap_or_else(crystald::cpu::physical_cores);
+    if threads == 0 {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    let model = Model::load(path, k, threads)?;
+    let tok = Tokenizer::from_json(model.tokenizer_json(), model.special).with_context(|| format!("{}: embedded tokenizer", path.display()))?;
+    Ok((model, tok))
+}
