@@ -1,0 +1,129 @@
+//! Shared helpers of the integration tests: where the shared fixtures are,
+//! and fixture checkpoints converted once per test process.
+#![allow(dead_code)]
+
+use crystal_quantize::convert::{self, Preset, Progress};
+use crystald::quant::GgmlType;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+pub fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    let p = shared().join("fixtures").join(name);
+    assert!(p.join("config.json").exists(), "fixture {} not found: tests need ../shared beside the project", p.display());
+    p
+}
+
+pub const FIXTURES: [&str; 2] = ["tiny-a", "tiny-b"];
+pub const PRESETS: [&str; 4] = ["f32", "f16", "q8_0", "q4_0"];
+
+struct Silent;
+impl Progress for Silent {
+    fn start(&mut self, _: u64, _: usize) {}
+    fn tensor_done(&mut self, _: &str, _: GgmlType, _: u64) {}
+    fn finish(&mut self) {}
+}
+
+fn work_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
+
+/// Converts `fixture` with `preset` (once per test process) and returns the GGUF path.
+pub fn converted(fixture_name: &str, preset: &str) -> PathBuf {
+    static DONE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let done = DONE.get_or_init(Default::default);
+    let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{fixture_name}-{preset}");
+    if let Some(p) = done.get(&key) {
+        return p.clone();
+    }
+    let out = work_dir().join(format!("{key}.gguf"));
+    let opts = convert::Options {
+        input: fixture(fixture_name),
+        output: out.clone(),
+        preset: Preset::parse(preset).expect("known preset"),
+        force: true,
+        threads: 2,
+    };
+    convert::convert(&opts, &mut Silent).unwrap_or_else(|e| panic!("converting {key}: {e:#}"));
+    done.insert(key, out.clone());
+    out
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Reference outputs of a fixture (`expected.safetensors`).
+pub struct Expected {
+    pub tokens: Vec<Vec<u32>>,
+    pub logits: Vec<Vec<f32>>,
+    pub greedy: Vec<Vec<u32>>,
+}
+
+pub fn expected(fixture_name: &str) -> Expected {
+    let bytes = std::fs::read(fixture(fixture_name).join("expected.safetensors")).expect("expected.safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let ints = |name: &str| -> Vec<u32> {
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
+        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    };
+    let floats = |name: &str| -> Vec<f32> {
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    let n = (0..).take_while(|i| st.tensor(&format!("tokens_{i}")).is_ok()).count();
+    Expected {
+        tokens: (0..n).map(|i| ints(&format!("tokens_{i}"))).collect(),
+        logits: (0..n).map(|i| floats(&format!("logits_{i}"))).collect(),
+        greedy: (0..n).map(|i| ints(&format!("greedy_{i}"))).collect(),
+    }
+}
+
+/// ‖a − b‖₂ / ‖b‖₂
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// Mean over positions of KL(reference ‖ ours), rows of `vocab`.
+pub fn mean_kl(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
+    let rows = reference.len() / vocab;
+    let mut total = 0.0;
+    for (a, b) in ours.chunks_exact(vocab).zip(reference.chunks_exact(vocab)) {
+        let (la, lb) = (log_softmax(a), log_softmax(b));
+        total += lb.iter().zip(&la).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+    }
+    total / rows as f64
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Fraction of positions where both pick the same top token.
+pub fn top1_agreement(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
+    let pairs: Vec<bool> =
+        ours.chunks_exact(vocab).zip(reference.chunks_exact(vocab)).map(|(a, b)| argmax(a) == argmax(b)).collect();
+    pairs.iter().filter(|&&x| x).count() as f64 / pairs.len() as f64
+}
