@@ -9,7 +9,11 @@ pub fn physical_cores() -> usize {
     let mut cores = HashSet::new();
     for cpu in 0..logical.max(1) * 2 {
         let base = format!("/sys/devices/system/cpu/cpu{cpu}/topology");
-        let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).ok().map(|s| s.trim().to_string());
+        let read = |f: &str| {
+            std::fs::read_to_string(format!("{base}/{f}"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
         if let (Some(pkg), Some(core)) = (read("physical_package_id"), read("core_id")) {
             cores.insert((pkg, core));
         }

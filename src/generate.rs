@@ -3,7 +3,7 @@
 
 use crate::model::{EngineError, Logits, Model, Session};
 use crate::sampling::{self, Sampler, SamplingParams};
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::tokenizer::{chat, StreamDecoder, Tokenizer};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -90,7 +90,12 @@ impl<'a> StopMatcher<'a> {
     /// Adds text; returns the text now safe to emit and whether a stop string was found.
     fn push(&mut self, piece: &str) -> (String, bool) {
         self.pending.push_str(piece);
-        let found = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.pending.find(s.as_str())).min();
+        let found = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = found {
             let out = self.pending[..at].to_string();
             self.pending.clear();
@@ -136,23 +141,34 @@ pub fn generate(
         return Err(EngineError::EmptyInput);
     }
     if prompt.len() > session.n_ctx() {
-        return Err(EngineError::ContextFull { needed: prompt.len(), capacity: session.n_ctx() });
+        return Err(EngineError::ContextFull {
+            needed: prompt.len(),
+            capacity: session.n_ctx(),
+        });
     }
-    let common = session.history().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    let common = session
+        .history()
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
     // At least the last prompt token is recomputed: its logits start the reply.
     let cached = common.min(prompt.len() - 1);
     session.truncate(cached);
 
     let started = Instant::now();
-    let mut logits = session.forward(model, &prompt[cached..], Logits::Last)?.to_vec();
+    let mut logits = session
+        .forward(model, &prompt[cached..], Logits::Last)?
+        .to_vec();
     let prefill_time = started.elapsed();
 
-    let special = tok.special();
-    let stop_ids = [special.eos, special.im_start, special.im_end];
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut recent: Vec<u32> = prompt.to_vec();
     let mut decoder = StreamDecoder::new(tok);
-    let mut matcher = StopMatcher { stops: &params.stop, pending: String::new() };
+    let mut matcher = StopMatcher {
+        stops: &params.stop,
+        pending: String::new(),
+    };
     let mut out = Generation {
         text: String::new(),
         tokens: Vec::new(),
@@ -176,18 +192,29 @@ pub fn generate(
             out.finish = FinishReason::Length;
             break;
         }
-        let lp = (params.logprobs > 0).then(|| (sampling::top_logprobs(&logits, params.logprobs), logits.clone()));
+        let lp = (params.logprobs > 0).then(|| {
+            (
+                sampling::top_logprobs(&logits, params.logprobs),
+                logits.clone(),
+            )
+        });
         let id = sampler.sample(&mut logits, &recent);
         if let Some((top, raw)) = lp {
-            out.logprobs.push(TokenLogprob { id, logprob: sampling::logprob_of(&raw, id), top });
+            out.logprobs.push(TokenLogprob {
+                id,
+                logprob: sampling::logprob_of(&raw, id),
+                top,
+            });
         }
-        if stop_ids.contains(&id) {
+        if chat::ends_reply(tok.special(), id) {
             out.finish = FinishReason::Stop;
             break;
         }
         out.tokens.push(id);
         recent.push(id);
-        let piece = decoder.push(id).map_err(|e| EngineError::Load(e.to_string()))?;
+        let piece = decoder
+            .push(id)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
         let (safe, stopped) = matcher.push(&piece);
         if emit(&safe, &mut out) == Flow::Cancel {
             out.finish = FinishReason::Cancelled;
@@ -211,7 +238,11 @@ pub fn generate(
     if out.finish != FinishReason::Stop || matcher.pending.is_empty() {
         let tail = decoder.finish();
         let (safe, stopped) = matcher.push(&tail);
-        let rest = if stopped { safe } else { safe + &matcher.flush() };
+        let rest = if stopped {
+            safe
+        } else {
+            safe + &matcher.flush()
+        };
         if out.finish != FinishReason::Cancelled {
             let _ = emit(&rest, &mut out);
         }
@@ -226,7 +257,10 @@ mod tests {
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopMatcher { stops: &stops, pending: String::new() };
+        let mut m = StopMatcher {
+            stops: &stops,
+            pending: String::new(),
+        };
         let mut out = String::new();
         for p in pieces {
             let (s, stop) = m.push(p);
@@ -241,12 +275,18 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces_is_not_emitted() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D more"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D more"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]
     fn near_miss_is_released() {
-        assert_eq!(run(&["END"], &["hello EN", "X"]), ("hello ENX".into(), false));
+        assert_eq!(
+            run(&["END"], &["hello EN", "X"]),
+            ("hello ENX".into(), false)
+        );
     }
 
     #[test]

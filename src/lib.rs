@@ -13,15 +13,15 @@ pub mod model_file;
 pub mod quant;
 
 #[cfg(feature = "runtime")]
-pub mod sampling;
+pub mod cpu;
 #[cfg(feature = "runtime")]
-pub mod tokenizer;
+pub mod generate;
 #[cfg(feature = "runtime")]
 pub mod kernels;
 #[cfg(feature = "runtime")]
 pub mod model;
-#[cfg(feature = "runtime")]
-pub mod generate;
 pub mod npy;
 #[cfg(feature = "runtime")]
-pub mod cpu;
+pub mod sampling;
+#[cfg(feature = "runtime")]
+pub mod tokenizer;

@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "crystald", version, about = "CrystalChat inference for small Linux devices")]
+#[command(
+    name = "crystald",
+    version,
+    about = "CrystalChat inference for small Linux devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

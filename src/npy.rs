@@ -4,9 +4,17 @@
 use std::io::{self, Write};
 
 pub fn write_f32(w: &mut impl Write, shape: &[usize], data: &[f32]) -> io::Result<()> {
-    assert_eq!(shape.iter().product::<usize>(), data.len(), "shape matches data");
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        data.len(),
+        "shape matches data"
+    );
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_str = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_str = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
     // Magic (6) + version (2) + header length (2) + header, padded with
     // spaces and a final newline to a multiple of 64 bytes.
@@ -31,6 +39,8 @@ mod tests {
         let hlen = u16::from_le_bytes([buf[8], buf[9]]) as usize;
         assert_eq!((10 + hlen) % 64, 0);
         assert_eq!(buf.len(), 10 + hlen + 24);
-        assert!(std::str::from_utf8(&buf[10..10 + hlen]).unwrap().contains("'shape': (2, 3)"));
+        assert!(std::str::from_utf8(&buf[10..10 + hlen])
+            .unwrap()
+            .contains("'shape': (2, 3)"));
     }
 }

@@ -12,7 +12,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "crystal-quantize", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "crystal-quantize",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -119,24 +124,43 @@ fn reporter(quiet: bool) -> Reporter {
     let bar = (!quiet && tty).then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+            )
+            .expect("valid template"),
         );
         bar
     });
-    Reporter { bar, plain: !quiet && !tty, n_tensors: 0, done: 0 }
+    Reporter {
+        bar,
+        plain: !quiet && !tty,
+        n_tensors: 0,
+        done: 0,
+    }
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
     let (Some(input), Some(output)) = (a.input, a.output) else {
         bail!("usage: crystal-quantize <HF_DIR> -o <OUT.gguf> [--type q4_0|q8_0|f16|f32] (see --help)");
     };
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let opts = convert::Options { input, output, preset: a.preset, force: a.force, threads };
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let opts = convert::Options {
+        input,
+        output,
+        preset: a.preset,
+        force: a.force,
+        threads,
+    };
     let mut rep = reporter(a.quiet);
     let s = convert::convert(&opts, &mut rep)?;
     if !a.quiet {
-        let types: Vec<String> = s.tensors_by_type.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        let types: Vec<String> = s
+            .tensors_by_type
+            .iter()
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect();
         eprintln!(
             "wrote {}: {} tensors ({}), {:.2} bits/weight over {:.2}B weights, {:.2} GiB, in {:.1}s ({:.2} GB/s input)",
             opts.output.display(),
@@ -156,7 +180,15 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_convert(cli.convert),
-        Some(Command::Synth { output, shape, format, shards, seed, tokenizer, quiet }) => {
+        Some(Command::Synth {
+            output,
+            shape,
+            format,
+            shards,
+            seed,
+            tokenizer,
+            quiet,
+        }) => {
             let opts = SynthOptions {
                 shape: match shape {
                     ShapeArg::Real7B => SynthShape::Real7B,
@@ -179,7 +211,11 @@ fn main() {
             };
             synth::write_synthetic(&output, &opts, &mut report).map(|()| {
                 if !quiet {
-                    eprintln!("wrote {} in {:.1}s", output.display(), started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "wrote {} in {:.1}s",
+                        output.display(),
+                        started.elapsed().as_secs_f64()
+                    );
                 }
             })
         }

@@ -32,7 +32,10 @@ fn parse_tokens(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("'{t}' is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("'{t}' is not a token id"))
+        })
         .collect::<Result<_>>()?;
     if ids.is_empty() {
         bail!("--tokens is empty");
@@ -46,14 +49,21 @@ pub fn run(a: Args) -> Result<()> {
     let vocab = model.hp.vocab_size;
     let needed = tokens.len() + a.generate;
     if needed > model.hp.context_length {
-        bail!("{} input + {} generated tokens exceed the context of {}", tokens.len(), a.generate, model.hp.context_length);
+        bail!(
+            "{} input + {} generated tokens exceed the context of {}",
+            tokens.len(),
+            a.generate,
+            model.hp.context_length
+        );
     }
     let mut session = Session::new(&model, needed, a.kv_type);
     let logits = session.forward(&model, &tokens, Logits::All)?;
     if let Some(path) = &a.dump_logits {
-        let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = BufWriter::new(file);
-        crystald::npy::write_f32(&mut w, &[tokens.len(), vocab], logits).with_context(|| format!("writing {}", path.display()))?;
+        crystald::npy::write_f32(&mut w, &[tokens.len(), vocab], logits)
+            .with_context(|| format!("writing {}", path.display()))?;
         std::io::Write::flush(&mut w).with_context(|| format!("writing {}", path.display()))?;
     }
     let mut last = logits[(tokens.len() - 1) * vocab..].to_vec();
@@ -66,6 +76,9 @@ pub fn run(a: Args) -> Result<()> {
             last.copy_from_slice(session.forward(&model, &[id], Logits::Last)?);
         }
     }
-    println!("{}", serde_json::json!({ "tokens": tokens, "generated": generated }));
+    println!(
+        "{}",
+        serde_json::json!({ "tokens": tokens, "generated": generated })
+    );
     Ok(())
 }

@@ -46,7 +46,9 @@ pub struct Args {
 }
 
 pub fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     t.as_nanos() as u64 ^ ((std::process::id() as u64) << 32)
 }
 
@@ -70,19 +72,34 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &a.system {
-            messages.push(Message { role: Role::System, content: system.clone() });
+            messages.push(Message {
+                role: Role::System,
+                content: system.clone(),
+            });
         }
-        messages.push(Message { role: Role::User, content: a.prompt.clone() });
+        messages.push(Message {
+            role: Role::User,
+            content: a.prompt.clone(),
+        });
         chat::render(&tok, &messages)?
     };
     let n_ctx = a.ctx.unwrap_or(model.hp.context_length);
     let mut session = Session::new(&model, n_ctx, a.kv_type);
-    let params = GenerateParams { max_tokens: a.max_tokens, sampling, stop: a.stop, logprobs: 0 };
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling,
+        stop: a.stop,
+        logprobs: 0,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let g = generate::generate(&model, &mut session, &tok, &prompt, &params, &mut |piece| {
         // A closed stdout (e.g. `| head`) ends generation quietly.
-        if out.write_all(piece.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if out
+            .write_all(piece.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             Flow::Cancel
         } else {
             Flow::Continue

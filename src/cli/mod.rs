@@ -30,7 +30,11 @@ impl ModelArgs {
     }
 }
 
-pub fn load(path: &Path, threads: Option<usize>, kernels: Option<&str>) -> Result<(Model, Tokenizer)> {
+pub fn load(
+    path: &Path,
+    threads: Option<usize>,
+    kernels: Option<&str>,
+) -> Result<(Model, Tokenizer)> {
     let k = match kernels {
         Some(name) => kernels::select(Some(name)),
         None => kernels::from_env(),
@@ -41,6 +45,7 @@ pub fn load(path: &Path, threads: Option<usize>, kernels: Option<&str>) -> Resul
         anyhow::bail!("--threads must be at least 1");
     }
     let model = Model::load(path, k, threads)?;
-    let tok = Tokenizer::from_json(model.tokenizer_json(), model.special).with_context(|| format!("{}: embedded tokenizer", path.display()))?;
+    let tok = Tokenizer::from_json(model.tokenizer_json(), model.special)
+        .with_context(|| format!("{}: embedded tokenizer", path.display()))?;
     Ok((model, tok))
 }

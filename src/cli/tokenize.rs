@@ -23,8 +23,14 @@ pub fn run(a: Args) -> Result<()> {
         tok.encode(text)?
     } else {
         let path = a.messages.as_ref().expect("clap requires one input");
-        let json = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let messages: Vec<Message> = serde_json::from_str(&json).with_context(|| format!("{}: not a list of {{role, content}} messages", path.display()))?;
+        let json = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let messages: Vec<Message> = serde_json::from_str(&json).with_context(|| {
+            format!(
+                "{}: not a list of {{role, content}} messages",
+                path.display()
+            )
+        })?;
         chat::render(&tok, &messages)?
     };
     println!("{}", serde_json::to_string(&ids)?);

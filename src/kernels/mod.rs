@@ -126,10 +126,17 @@ pub fn select(name: Option<&str>) -> Result<&'static dyn Kernels, String> {
     let avail = available();
     match name.unwrap_or("auto") {
         "auto" | "" => Ok(avail[0]),
-        want => avail.iter().copied().find(|k| k.name() == want).ok_or_else(|| {
-            let names: Vec<_> = avail.iter().map(|k| k.name()).collect();
-            format!("kernels '{want}' are not available on this CPU (available: {})", names.join(", "))
-        }),
+        want => avail
+            .iter()
+            .copied()
+            .find(|k| k.name() == want)
+            .ok_or_else(|| {
+                let names: Vec<_> = avail.iter().map(|k| k.name()).collect();
+                format!(
+                    "kernels '{want}' are not available on this CPU (available: {})",
+                    names.join(", ")
+                )
+            }),
     }
 }
 

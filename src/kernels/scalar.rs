@@ -25,7 +25,11 @@ pub fn dot_q4_0_q8_0(w: &[BlockQ4_0], x: &[BlockQ8_0]) -> f32 {
 pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     let mut sum = 0.0f32;
     for (a, b) in w.iter().zip(x) {
-        let isum: i32 = a.qs.iter().zip(&b.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let isum: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sum += isum as f32 * (a.scale() * b.scale());
     }
     sum
@@ -51,10 +55,18 @@ impl Kernels for Scalar {
             let o = &mut out[i * n..(i + 1) * n];
             for (t, o) in o.iter_mut().enumerate() {
                 *o = match (w.ty, x) {
-                    (GgmlType::F32, Acts::F32(x)) => dot_f32(w.f32_rows(r..r + 1), &x[t * w.cols..(t + 1) * w.cols]),
-                    (GgmlType::F16, Acts::F32(x)) => dot_f16(&x[t * w.cols..(t + 1) * w.cols], w.f16_rows(r..r + 1)),
-                    (GgmlType::Q4_0, Acts::Q8_0(x)) => dot_q4_0_q8_0(w.q4_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb]),
-                    (GgmlType::Q8_0, Acts::Q8_0(x)) => dot_q8_0_q8_0(w.q8_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb]),
+                    (GgmlType::F32, Acts::F32(x)) => {
+                        dot_f32(w.f32_rows(r..r + 1), &x[t * w.cols..(t + 1) * w.cols])
+                    }
+                    (GgmlType::F16, Acts::F32(x)) => {
+                        dot_f16(&x[t * w.cols..(t + 1) * w.cols], w.f16_rows(r..r + 1))
+                    }
+                    (GgmlType::Q4_0, Acts::Q8_0(x)) => {
+                        dot_q4_0_q8_0(w.q4_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb])
+                    }
+                    (GgmlType::Q8_0, Acts::Q8_0(x)) => {
+                        dot_q8_0_q8_0(w.q8_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb])
+                    }
                     (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
                 };
             }

@@ -104,16 +104,27 @@ impl Session {
 
     /// Runs `tokens` at positions `pos()..pos() + tokens.len()` and returns
     /// the requested logits. On error nothing is added to the cache.
-    pub fn forward(&mut self, model: &Model, tokens: &[u32], which: Logits) -> Result<&[f32], EngineError> {
+    pub fn forward(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<&[f32], EngineError> {
         let hp = &model.hp;
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
         if let Some(&id) = tokens.iter().find(|&&id| id as usize >= hp.vocab_size) {
-            return Err(EngineError::TokenOutOfRange { id, vocab: hp.vocab_size });
+            return Err(EngineError::TokenOutOfRange {
+                id,
+                vocab: hp.vocab_size,
+            });
         }
         if self.pos() + tokens.len() > self.kv.n_ctx {
-            return Err(EngineError::ContextFull { needed: self.pos() + tokens.len(), capacity: self.kv.n_ctx });
+            return Err(EngineError::ContextFull {
+                needed: self.pos() + tokens.len(),
+                capacity: self.kv.n_ctx,
+            });
         }
         let vocab = hp.vocab_size;
         let mut all = Vec::new();
@@ -150,34 +161,93 @@ impl Session {
             // Attention.
             self.h.resize(t * d, 0.0);
             for (x, h) in self.x.chunks_exact(d).zip(self.h.chunks_exact_mut(d)) {
-                ops::layer_norm(x, model.vector(layer.attn_norm_w), model.vector(layer.attn_norm_b), hp.layer_norm_epsilon, h);
+                ops::layer_norm(
+                    x,
+                    model.vector(layer.attn_norm_w),
+                    model.vector(layer.attn_norm_b),
+                    hp.layer_norm_epsilon,
+                    h,
+                );
             }
             self.qkv.resize(t * 3 * d, 0.0);
             let w = model.weight(layer.qkv_w);
             let acts = prepare(k, &w, &self.h, &mut self.q8);
-            linear(model, &w, layer.qkv_b, acts, t, &mut self.qkv, &mut self.transposed);
+            linear(
+                model,
+                &w,
+                layer.qkv_b,
+                acts,
+                t,
+                &mut self.qkv,
+                &mut self.transposed,
+            );
             self.attention(model, l, t);
             self.proj.resize(t * d, 0.0);
             let w = model.weight(layer.attn_out_w);
             let acts = prepare(k, &w, &self.att, &mut self.q8);
-            linear(model, &w, layer.attn_out_b, acts, t, &mut self.proj, &mut self.transposed);
+            linear(
+                model,
+                &w,
+                layer.attn_out_b,
+                acts,
+                t,
+                &mut self.proj,
+                &mut self.transposed,
+            );
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
 
             // MLP: up and gate share one quantization of h.
             for (x, h) in self.x.chunks_exact(d).zip(self.h.chunks_exact_mut(d)) {
-                ops::layer_norm(x, model.vector(layer.ffn_norm_w), model.vector(layer.ffn_norm_b), hp.layer_norm_epsilon, h);
+                ops::layer_norm(
+                    x,
+                    model.vector(layer.ffn_norm_w),
+                    model.vector(layer.ffn_norm_b),
+                    hp.layer_norm_epsilon,
+                    h,
+                );
             }
             self.up.resize(t * ff, 0.0);
             self.gate.resize(t * ff, 0.0);
             let (up_w, gate_w) = (model.weight(layer.up_w), model.weight(layer.gate_w));
             let acts = prepare(k, &up_w, &self.h, &mut self.q8);
-            linear(model, &up_w, layer.up_b, acts, t, &mut self.up, &mut self.transposed);
-            let acts = if gate_w.act_type() == up_w.act_type() { acts } else { prepare(k, &gate_w, &self.h, &mut self.q8) };
-            linear(model, &gate_w, layer.gate_b, acts, t, &mut self.gate, &mut self.transposed);
-            self.up.iter_mut().zip(&self.gate).for_each(|(u, &g)| *u *= ops::silu(g));
+            linear(
+                model,
+                &up_w,
+                layer.up_b,
+                acts,
+                t,
+                &mut self.up,
+                &mut self.transposed,
+            );
+            let acts = if gate_w.act_type() == up_w.act_type() {
+                acts
+            } else {
+                prepare(k, &gate_w, &self.h, &mut self.q8)
+            };
+            linear(
+                model,
+                &gate_w,
+                layer.gate_b,
+                acts,
+                t,
+                &mut self.gate,
+                &mut self.transposed,
+            );
+            self.up
+                .iter_mut()
+                .zip(&self.gate)
+                .for_each(|(u, &g)| *u *= ops::silu(g));
             let w = model.weight(layer.down_w);
             let acts = prepare(k, &w, &self.up, &mut self.q8);
-            linear(model, &w, layer.down_b, acts, t, &mut self.proj, &mut self.transposed);
+            linear(
+                model,
+                &w,
+                layer.down_b,
+                acts,
+                t,
+                &mut self.proj,
+                &mut self.transposed,
+            );
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
         }
 
@@ -185,13 +255,31 @@ impl Session {
         let first = if all_logits { 0 } else { t - 1 };
         let n_out = t - first;
         self.h.resize(n_out * d, 0.0);
-        for (x, h) in self.x.chunks_exact(d).skip(first).zip(self.h.chunks_exact_mut(d)) {
-            ops::layer_norm(x, model.vector(model.output_norm_w), model.vector(model.output_norm_b), hp.layer_norm_epsilon, h);
+        for (x, h) in self
+            .x
+            .chunks_exact(d)
+            .skip(first)
+            .zip(self.h.chunks_exact_mut(d))
+        {
+            ops::layer_norm(
+                x,
+                model.vector(model.output_norm_w),
+                model.vector(model.output_norm_b),
+                hp.layer_norm_epsilon,
+                h,
+            );
         }
         self.logits.resize(n_out * hp.vocab_size, 0.0);
         let head = model.weight(model.token_embd);
         let acts = prepare(k, &head, &self.h, &mut self.q8);
-        matmul(model, &head, acts, n_out, &mut self.logits, &mut self.transposed);
+        matmul(
+            model,
+            &head,
+            acts,
+            n_out,
+            &mut self.logits,
+            &mut self.transposed,
+        );
         let scale = hp.logit_scale();
         self.logits.iter_mut().for_each(|v| *v *= scale);
         self.history.extend_from_slice(tokens);
@@ -251,13 +339,26 @@ impl Session {
 }
 
 /// `out = x @ Wᵀ + b` for `t` tokens.
-fn linear(model: &Model, w: &Weight<'_>, b: TensorLoc, x: Acts<'_>, t: usize, out: &mut [f32], transposed: &mut Vec<f32>) {
+fn linear(
+    model: &Model,
+    w: &Weight<'_>,
+    b: TensorLoc,
+    x: Acts<'_>,
+    t: usize,
+    out: &mut [f32],
+    transposed: &mut Vec<f32>,
+) {
     matmul(model, w, x, t, out, transposed);
     ops::add_bias(out, model.vector(b));
 }
 
 /// Puts activations in the format `w` multiplies with (Q8_0 for quantized weights).
-fn prepare<'a>(k: &dyn crate::kernels::Kernels, w: &Weight<'_>, x: &'a [f32], q8: &'a mut Vec<BlockQ8_0>) -> Acts<'a> {
+fn prepare<'a>(
+    k: &dyn crate::kernels::Kernels,
+    w: &Weight<'_>,
+    x: &'a [f32],
+    q8: &'a mut Vec<BlockQ8_0>,
+) -> Acts<'a> {
     match w.act_type() {
         ActType::F32 => Acts::F32(x),
         ActType::Q8_0 => {
@@ -273,7 +374,14 @@ fn prepare<'a>(k: &dyn crate::kernels::Kernels, w: &Weight<'_>, x: &'a [f32], q8
 }
 
 /// `out[t, r] = W[r] · x[t]`, weight rows split across the thread pool.
-fn matmul(model: &Model, w: &Weight<'_>, x: Acts<'_>, t: usize, out: &mut [f32], transposed: &mut Vec<f32>) {
+fn matmul(
+    model: &Model,
+    w: &Weight<'_>,
+    x: Acts<'_>,
+    t: usize,
+    out: &mut [f32],
+    transposed: &mut Vec<f32>,
+) {
     let rows = w.rows;
     let threads = model.pool.current_num_threads();
     // A few chunks per thread balance uneven cores without much overhead.
@@ -286,10 +394,13 @@ fn matmul(model: &Model, w: &Weight<'_>, x: Acts<'_>, t: usize, out: &mut [f32],
         transposed
     };
     model.pool.install(|| {
-        by_row.par_chunks_mut(chunk * t).enumerate().for_each(|(c, o)| {
-            let r0 = c * chunk;
-            k.matmul_rows(w, &x, r0..r0 + o.len() / t, o);
-        })
+        by_row
+            .par_chunks_mut(chunk * t)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let r0 = c * chunk;
+                k.matmul_rows(w, &x, r0..r0 + o.len() / t, o);
+            })
     });
     if t > 1 {
         for (r, row) in transposed.chunks_exact(t).enumerate() {

@@ -55,7 +55,12 @@ impl KvStore {
 impl KvCache {
     pub fn new(ty: KvType, n_layer: usize, n_ctx: usize, width: usize) -> KvCache {
         let n = n_layer * n_ctx * width;
-        KvCache { k: KvStore::new(ty, n), v: KvStore::new(ty, n), n_ctx, width }
+        KvCache {
+            k: KvStore::new(ty, n),
+            v: KvStore::new(ty, n),
+            n_ctx,
+            width,
+        }
     }
 
     /// Element offset of (layer, position).

@@ -24,9 +24,15 @@ pub enum EngineError {
     /// The model file cannot be used.
     Load(String),
     /// A token id that is not in the vocabulary.
-    TokenOutOfRange { id: u32, vocab: usize },
+    TokenOutOfRange {
+        id: u32,
+        vocab: usize,
+    },
     /// The context window cannot hold the request.
-    ContextFull { needed: usize, capacity: usize },
+    ContextFull {
+        needed: usize,
+        capacity: usize,
+    },
     EmptyInput,
 }
 
@@ -34,9 +40,14 @@ impl fmt::Display for EngineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EngineError::Load(m) => write!(f, "{m}"),
-            EngineError::TokenOutOfRange { id, vocab } => write!(f, "token id {id} is outside the vocabulary (0..{vocab})"),
+            EngineError::TokenOutOfRange { id, vocab } => {
+                write!(f, "token id {id} is outside the vocabulary (0..{vocab})")
+            }
             EngineError::ContextFull { needed, capacity } => {
-                write!(f, "context full: {needed} tokens needed, the context holds {capacity}")
+                write!(
+                    f,
+                    "context full: {needed} tokens needed, the context holds {capacity}"
+                )
             }
             EngineError::EmptyInput => write!(f, "no input tokens"),
         }
@@ -90,34 +101,71 @@ pub struct Model {
 const TENSOR_ALIGN: u64 = 32;
 
 impl Model {
-    pub fn load(path: &Path, kernels: &'static dyn Kernels, threads: usize) -> Result<Model, EngineError> {
-        let file = Gguf::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_gguf(file, kernels, threads).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+    pub fn load(
+        path: &Path,
+        kernels: &'static dyn Kernels,
+        threads: usize,
+    ) -> Result<Model, EngineError> {
+        let file =
+            Gguf::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        Self::from_gguf(file, kernels, threads)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
     }
 
-    fn from_gguf(file: Gguf, kernels: &'static dyn Kernels, threads: usize) -> Result<Model, String> {
+    fn from_gguf(
+        file: Gguf,
+        kernels: &'static dyn Kernels,
+        threads: usize,
+    ) -> Result<Model, String> {
         let h = &file.header;
         let hp = Hparams::from_header(h)?;
         let special = SpecialTokens::from_header(h)?;
-        for id in [special.bos, special.eos, special.im_start, special.im_end, special.sys_start, special.sys_end] {
+        for id in [
+            special.bos,
+            special.eos,
+            special.im_start,
+            special.im_end,
+            special.sys_start,
+            special.sys_end,
+        ] {
             if id as usize >= hp.vocab_size {
-                return Err(format!("special token id {id} is outside the vocabulary ({})", hp.vocab_size));
+                return Err(format!(
+                    "special token id {id} is outside the vocabulary ({})",
+                    hp.vocab_size
+                ));
             }
         }
-        if h.get(keys::TOKENIZER_JSON).and_then(gguf::Value::as_str).is_none() {
-            return Err(format!("metadata '{}' (the embedded tokenizer) is missing", keys::TOKENIZER_JSON));
+        if h.get(keys::TOKENIZER_JSON)
+            .and_then(gguf::Value::as_str)
+            .is_none()
+        {
+            return Err(format!(
+                "metadata '{}' (the embedded tokenizer) is missing",
+                keys::TOKENIZER_JSON
+            ));
         }
         let mut locs = std::collections::HashMap::new();
         for d in model_file::tensor_descs(&hp) {
-            let t = h.tensor(&d.name).ok_or_else(|| format!("tensor '{}' is missing", d.name))?;
+            let t = h
+                .tensor(&d.name)
+                .ok_or_else(|| format!("tensor '{}' is missing", d.name))?;
             if t.dims != d.dims {
-                return Err(format!("tensor '{}' has dims {:?}, the hyper-parameters imply {:?}", d.name, t.dims, d.dims));
+                return Err(format!(
+                    "tensor '{}' has dims {:?}, the hyper-parameters imply {:?}",
+                    d.name, t.dims, d.dims
+                ));
             }
             if d.kind == Kind::Vector && t.ty != GgmlType::F32 {
-                return Err(format!("tensor '{}' is {}, norms and biases must be f32", d.name, t.ty));
+                return Err(format!(
+                    "tensor '{}' is {}, norms and biases must be f32",
+                    d.name, t.ty
+                ));
             }
             if t.offset % TENSOR_ALIGN != 0 {
-                return Err(format!("tensor '{}' data is not {TENSOR_ALIGN}-byte aligned (offset {})", d.name, t.offset));
+                return Err(format!(
+                    "tensor '{}' data is not {TENSOR_ALIGN}-byte aligned (offset {})",
+                    d.name, t.offset
+                ));
             }
             locs.insert(d.name.clone(), loc(t));
         }
@@ -161,11 +209,19 @@ impl Model {
     }
 
     pub fn tokenizer_json(&self) -> &str {
-        self.file.header.get(keys::TOKENIZER_JSON).and_then(gguf::Value::as_str).expect("checked at load")
+        self.file
+            .header
+            .get(keys::TOKENIZER_JSON)
+            .and_then(gguf::Value::as_str)
+            .expect("checked at load")
     }
 
     pub fn name(&self) -> &str {
-        self.file.header.get(keys::NAME).and_then(gguf::Value::as_str).unwrap_or("crystalchat")
+        self.file
+            .header
+            .get(keys::NAME)
+            .and_then(gguf::Value::as_str)
+            .unwrap_or("crystalchat")
     }
 
     pub fn threads(&self) -> usize {
@@ -177,7 +233,12 @@ impl Model {
     }
 
     fn weight(&self, t: TensorLoc) -> Weight<'_> {
-        Weight { ty: t.ty, rows: t.rows, cols: t.cols, data: self.bytes(t) }
+        Weight {
+            ty: t.ty,
+            rows: t.rows,
+            cols: t.cols,
+            data: self.bytes(t),
+        }
     }
 
     fn vector(&self, t: TensorLoc) -> &[f32] {

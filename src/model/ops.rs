@@ -42,7 +42,9 @@ pub fn softmax(x: &mut [f32]) {
 /// reference implementation does.
 pub fn rope_table(n_pos: usize, rotary_dim: usize, base: f32) -> Vec<(f32, f32)> {
     let half = rotary_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / rotary_dim as f32)).collect();
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / rotary_dim as f32))
+        .collect();
     let mut t = Vec::with_capacity(n_pos * half);
     for p in 0..n_pos {
         for &f in &inv_freq {

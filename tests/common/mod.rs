@@ -14,7 +14,11 @@ pub fn shared() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     let p = shared().join("fixtures").join(name);
-    assert!(p.join("config.json").exists(), "fixture {} not found: tests need ../shared beside the project", p.display());
+    assert!(
+        p.join("config.json").exists(),
+        "fixture {} not found: tests need ../shared beside the project",
+        p.display()
+    );
     p
 }
 
@@ -30,7 +34,8 @@ impl Progress for Silent {
 
 fn work_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+        .path()
 }
 
 /// Converts `fixture` with `preset` (once per test process) and returns the GGUF path.
@@ -68,17 +73,30 @@ pub struct Expected {
 }
 
 pub fn expected(fixture_name: &str) -> Expected {
-    let bytes = std::fs::read(fixture(fixture_name).join("expected.safetensors")).expect("expected.safetensors");
+    let bytes = std::fs::read(fixture(fixture_name).join("expected.safetensors"))
+        .expect("expected.safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
     let ints = |name: &str| -> Vec<u32> {
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
-        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
+        t.data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+            .collect()
     };
     let floats = |name: &str| -> Vec<f32> {
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("{name} in expected.safetensors"));
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
-    let n = (0..).take_while(|i| st.tensor(&format!("tokens_{i}")).is_ok()).count();
+    let n = (0..)
+        .take_while(|i| st.tensor(&format!("tokens_{i}")).is_ok())
+        .count();
     Expected {
         tokens: (0..n).map(|i| ints(&format!("tokens_{i}"))).collect(),
         logits: (0..n).map(|i| floats(&format!("logits_{i}"))).collect(),
@@ -89,7 +107,11 @@ pub fn expected(fixture_name: &str) -> Expected {
 /// ‖a − b‖₂ / ‖b‖₂
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x - *y) as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
@@ -106,7 +128,11 @@ pub fn mean_kl(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
     let mut total = 0.0;
     for (a, b) in ours.chunks_exact(vocab).zip(reference.chunks_exact(vocab)) {
         let (la, lb) = (log_softmax(a), log_softmax(b));
-        total += lb.iter().zip(&la).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+        total += lb
+            .iter()
+            .zip(&la)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>();
     }
     total / rows as f64
 }
@@ -123,7 +149,10 @@ pub fn argmax(x: &[f32]) -> usize {
 
 /// Fraction of positions where both pick the same top token.
 pub fn top1_agreement(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
-    let pairs: Vec<bool> =
-        ours.chunks_exact(vocab).zip(reference.chunks_exact(vocab)).map(|(a, b)| argmax(a) == argmax(b)).collect();
+    let pairs: Vec<bool> = ours
+        .chunks_exact(vocab)
+        .zip(reference.chunks_exact(vocab))
+        .map(|(a, b)| argmax(a) == argmax(b))
+        .collect();
     pairs.iter().filter(|&&x| x).count() as f64 / pairs.len() as f64
 }

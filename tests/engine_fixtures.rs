@@ -1,0 +1,225 @@
+//! The engine against the upstream implementation's reference outputs, for
+//! every storage type and every kernel set this CPU has.
+
+mod common;
+
+use common::*;
+use crystald::kernels;
+use crystald::model::{KvType, Logits, Model, Session};
+use crystald::sampling::{Sampler, SamplingParams};
+
+struct Measured {
+    rel_l2: f64,
+    kl: f64,
+    top1: f64,
+    greedy_equal: usize,
+    greedy_total: usize,
+}
+
+fn run(
+    fixture_name: &str,
+    preset: &str,
+    kernels: &'static dyn kernels::Kernels,
+    kv: KvType,
+) -> Measured {
+    let path = converted(fixture_name, preset);
+    let model = Model::load(&path, kernels, 2).unwrap();
+    let exp = expected(fixture_name);
+    let vocab = model.hp.vocab_size;
+    let (mut ours_all, mut ref_all) = (Vec::new(), Vec::new());
+    let (mut greedy_equal, mut greedy_total) = (0, 0);
+    for i in 0..exp.tokens.len() {
+        let tokens = &exp.tokens[i];
+        let mut s = Session::new(&model, tokens.len() + 16, kv);
+        let logits = s.forward(&model, tokens, Logits::All).unwrap().to_vec();
+        assert_eq!(logits.len(), exp.logits[i].len());
+        // Greedy continuation through the KV cache, as upstream computed it.
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        let mut last = logits[(tokens.len() - 1) * vocab..].to_vec();
+        let mut gen = Vec::new();
+        for _ in 0..16 {
+            let id = sampler.sample(&mut last, &[]);
+            gen.push(id);
+            last = s.forward(&model, &[id], Logits::Last).unwrap().to_vec();
+        }
+        greedy_total += 16;
+        greedy_equal += gen
+            .iter()
+            .zip(&exp.greedy[i])
+            .take_while(|(a, b)| a == b)
+            .count();
+        ours_all.extend_from_slice(&logits);
+        ref_all.extend_from_slice(&exp.logits[i]);
+    }
+    let m = Measured {
+        rel_l2: rel_l2(&ours_all, &ref_all),
+        kl: mean_kl(&ours_all, &ref_all, vocab),
+        top1: top1_agreement(&ours_all, &ref_all, vocab),
+        greedy_equal,
+        greedy_total,
+    };
+    eprintln!(
+        "{fixture_name} {preset} kernels={} kv={kv:?}: rel_l2 {:.2e}, mean KL {:.2e}, top-1 {:.3}, greedy prefix {}/{}",
+        kernels.name(),
+        m.rel_l2,
+        m.kl,
+        m.top1,
+        m.greedy_equal,
+        m.greedy_total
+    );
+    m
+}
+
+fn each_kernel_set(f: impl Fn(&'static dyn kernels::Kernels)) {
+    for k in kernels::available() {
+        f(k);
+    }
+}
+
+#[test]
+fn f32_matches_reference_logits_and_greedy_tokens() {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let m = run(fx, "f32", k, KvType::F32);
+            assert!(
+                m.rel_l2 <= 1e-4,
+                "{fx} f32 {}: relative L2 error {:.3e} > 1e-4",
+                k.name(),
+                m.rel_l2
+            );
+            assert_eq!(
+                m.greedy_equal,
+                m.greedy_total,
+                "{fx} f32 {}: greedy tokens differ from upstream",
+                k.name()
+            );
+        });
+    }
+}
+
+#[test]
+fn f16_matches_reference_within_2e_3() {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let m = run(fx, "f16", k, KvType::F32);
+            assert!(
+                m.rel_l2 <= 2e-3,
+                "{fx} f16 {}: relative L2 error {:.3e} > 2e-3",
+                k.name(),
+                m.rel_l2
+            );
+        });
+    }
+}
+
+// Bounds for the quantized types are the measured values (README,
+// "Quantization quality") with a margin of about 1.5x.
+#[test]
+fn q8_0_quality_is_within_measured_bounds() {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let m = run(fx, "q8_0", k, KvType::F32);
+            assert!(
+                m.rel_l2 <= 0.03,
+                "{fx} q8_0 {}: relative L2 error {:.3e}",
+                k.name(),
+                m.rel_l2
+            );
+            assert!(
+                m.kl <= 1.5e-3,
+                "{fx} q8_0 {}: mean KL {:.3e}",
+                k.name(),
+                m.kl
+            );
+            assert!(
+                m.top1 >= 0.95,
+                "{fx} q8_0 {}: top-1 agreement {:.3}",
+                k.name(),
+                m.top1
+            );
+        });
+    }
+}
+
+#[test]
+fn q4_0_quality_is_within_measured_bounds() {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let m = run(fx, "q4_0", k, KvType::F32);
+            assert!(
+                m.rel_l2 <= 0.5,
+                "{fx} q4_0 {}: relative L2 error {:.3e}",
+                k.name(),
+                m.rel_l2
+            );
+            assert!(m.kl <= 0.15, "{fx} q4_0 {}: mean KL {:.3e}", k.name(), m.kl);
+            assert!(
+                m.top1 >= 0.6,
+                "{fx} q4_0 {}: top-1 agreement {:.3}",
+                k.name(),
+                m.top1
+            );
+        });
+    }
+}
+
+#[test]
+fn f16_kv_cache_stays_close_to_f32() {
+    let k = kernels::select(None).unwrap();
+    let m = run("tiny-a", "f32", k, KvType::F16);
+    assert!(
+        m.rel_l2 <= 2e-3,
+        "f16 KV cache: relative L2 error {:.3e}",
+        m.rel_l2
+    );
+}
+
+#[test]
+fn decode_through_the_cache_equals_a_full_recompute() {
+    // Logits of token t computed incrementally must equal those of a batch
+    // run over the same prefix: this is what makes prefix reuse exact.
+    let path = converted("tiny-b", "f32");
+    let model = Model::load(&path, kernels::select(None).unwrap(), 2).unwrap();
+    let tokens = &expected("tiny-b").tokens[0];
+    let vocab = model.hp.vocab_size;
+    let mut batch = Session::new(&model, 128, KvType::F32);
+    let all = batch.forward(&model, tokens, Logits::All).unwrap().to_vec();
+    let mut inc = Session::new(&model, 128, KvType::F32);
+    inc.forward(&model, &tokens[..5], Logits::Last).unwrap();
+    for (t, &id) in tokens.iter().enumerate().skip(5) {
+        let l = inc.forward(&model, &[id], Logits::Last).unwrap();
+        let err = rel_l2(l, &all[t * vocab..(t + 1) * vocab]);
+        assert!(
+            err < 1e-5,
+            "position {t}: incremental vs batch error {err:.2e}"
+        );
+    }
+}
+
+#[test]
+fn bad_tokens_and_full_context_are_errors() {
+    let path = converted("tiny-a", "q4_0");
+    let model = Model::load(&path, kernels::select(None).unwrap(), 1).unwrap();
+    let mut s = Session::new(&model, 8, KvType::F16);
+    let e = s
+        .forward(&model, &[1, 32032], Logits::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("32032") && e.contains("outside the vocabulary"),
+        "{e}"
+    );
+    assert_eq!(s.pos(), 0, "a rejected call adds nothing to the cache");
+    assert!(s.forward(&model, &[], Logits::Last).is_err());
+    let e = s
+        .forward(&model, &[1; 9], Logits::Last)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("context full"), "{e}");
+    s.forward(&model, &[1; 8], Logits::Last).unwrap();
+    assert!(s
+        .forward(&model, &[1], Logits::Last)
+        .unwrap_err()
+        .to_string()
+        .contains("context full"));
+}
