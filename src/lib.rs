@@ -15,6 +15,8 @@ pub mod quant;
 #[cfg(feature = "runtime")]
 pub mod cpu;
 #[cfg(feature = "runtime")]
+pub mod daemon;
+#[cfg(feature = "runtime")]
 pub mod generate;
 #[cfg(feature = "runtime")]
 pub mod kernels;

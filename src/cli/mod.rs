@@ -1,7 +1,9 @@
 //! Subcommands of the `crystald` binary.
 
+pub mod ask;
 pub mod eval;
 pub mod generate;
+pub mod serve;
 pub mod tokenize;
 
 use anyhow::{Context, Result};

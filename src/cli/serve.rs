@@ -1,0 +1,63 @@
+use anyhow::Result;
+use crystald::daemon::{self, config::Config};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GGUF model file (overrides `model` in the config file).
+    #[arg(short, long)]
+    model: Option<PathBuf>,
+    /// The configuration file; a missing default file is not an error.
+    #[arg(long, default_value = daemon::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Unix socket to listen on [config: socket; default /run/crystald/crystald.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Compute threads [config: threads; default: the physical cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Kernel set: auto, scalar, avx2, neon [config: kernels].
+    #[arg(long)]
+    kernels: Option<String>,
+    /// Context window in tokens [config: ctx; default: the model's].
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// KV cache type, f16 or f32 [config: kv_type].
+    #[arg(long)]
+    kv_type: Option<String>,
+    /// Requests that may wait while one runs [config: queue_size].
+    #[arg(long)]
+    queue_size: Option<usize>,
+    /// error, warn, info, debug [config: log_level].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl Args {
+    fn config(self) -> Result<Config, String> {
+        let named = self.config.as_os_str() != daemon::config::DEFAULT_CONFIG;
+        let mut cfg = Config::load(&self.config, named)?;
+        // Flags win over the file.
+        macro_rules! set {
+            ($($flag:ident => $field:expr),*) => {
+                $(if let Some(v) = self.$flag { $field = v; })*
+            };
+        }
+        set!(socket => cfg.socket, queue_size => cfg.queue_size,
+             kv_type => cfg.kv_type, log_level => cfg.log_level);
+        cfg.model = self.model.or(cfg.model);
+        cfg.threads = self.threads.or(cfg.threads);
+        cfg.kernels = self.kernels.or(cfg.kernels);
+        cfg.ctx = self.ctx.or(cfg.ctx);
+        Ok(cfg)
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let cfg = a.config().map_err(anyhow::Error::msg)?;
+    daemon::serve(cfg, |cfg| {
+        let path = cfg.model.as_deref().expect("validated before loading");
+        super::load(path, cfg.threads, cfg.kernels.as_deref()).map_err(|e| format!("{e:#}"))
+    })
+    .map_err(anyhow::Error::msg)
+}

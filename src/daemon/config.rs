@@ -1,0 +1,189 @@
+//! The daemon's settings: a TOML file (every key documented in
+//! `systemd/crystald.toml`), then command-line flags on top.
+
+use super::logging::Level;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/etc/crystald/crystald.toml";
+pub const DEFAULT_SOCKET: &str = "/run/crystald/crystald.sock";
+
+/// A user or group, by name or by numeric id.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged, expecting = "a name or a numeric id")]
+pub enum Principal {
+    Id(u32),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The GGUF model file.
+    pub model: Option<PathBuf>,
+    pub socket: PathBuf,
+    /// Permission bits of the socket file, as an octal string ("0660").
+    pub socket_mode: String,
+    /// Group owning the socket file (default: the daemon's own group).
+    pub socket_group: Option<String>,
+    /// When either list is non-empty, only peers whose uid is in
+    /// `allowed_users` or whose gid (primary, or supplementary per the
+    /// group database) is in `allowed_groups` are served.
+    pub allowed_users: Vec<Principal>,
+    pub allowed_groups: Vec<Principal>,
+    /// Compute threads (default: the physical cores).
+    pub threads: Option<usize>,
+    /// Kernel set: auto, scalar, avx2, neon.
+    pub kernels: Option<String>,
+    /// Context window in tokens (default: the model's).
+    pub ctx: Option<usize>,
+    /// KV cache element type: f16 or f32.
+    pub kv_type: String,
+    /// Requests that may wait while one runs; more get `busy`.
+    pub queue_size: usize,
+    /// `max_tokens` for requests that do not say.
+    pub default_max_tokens: usize,
+    /// Longest request line in bytes.
+    pub max_line_bytes: usize,
+    /// Reply lines buffered per connection before a client that does not
+    /// read is disconnected.
+    pub max_pending_replies: usize,
+    pub max_connections: usize,
+    /// Seconds a running request may take to finish after SIGTERM.
+    pub drain_timeout_s: f64,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            model: None,
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: "0660".into(),
+            socket_group: None,
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            threads: None,
+            kernels: None,
+            ctx: None,
+            kv_type: "f16".into(),
+            queue_size: 8,
+            default_max_tokens: 512,
+            max_line_bytes: 1 << 20,
+            max_pending_replies: 4096,
+            max_connections: 64,
+            drain_timeout_s: 10.0,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads `path`; a missing file is only an error when `required`
+    /// (named on the command line), so the daemon runs without one.
+    pub fn load(path: &Path, required: bool) -> Result<Config, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// Checks the values the types cannot; called after flags are applied.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model.is_none() {
+            return Err("no model: pass --model or set 'model' in the config file".into());
+        }
+        self.mode()?;
+        self.level()?;
+        if crate::model::KvType::parse(&self.kv_type).is_none() {
+            return Err(format!(
+                "kv_type must be f16 or f32, got '{}'",
+                self.kv_type
+            ));
+        }
+        for (name, v) in [
+            ("queue_size", self.queue_size),
+            ("default_max_tokens", self.default_max_tokens),
+            ("max_line_bytes", self.max_line_bytes),
+            ("max_pending_replies", self.max_pending_replies),
+            ("max_connections", self.max_connections),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.threads == Some(0) || self.ctx == Some(0) {
+            return Err("threads and ctx must be at least 1".into());
+        }
+        if !(self.drain_timeout_s.is_finite() && self.drain_timeout_s >= 0.0) {
+            return Err("drain_timeout_s must be a number of seconds >= 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn mode(&self) -> Result<u32, String> {
+        u32::from_str_radix(&self.socket_mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!(
+                    "socket_mode must be octal permission bits like \"0660\", got '{}'",
+                    self.socket_mode
+                )
+            })
+    }
+
+    pub fn level(&self) -> Result<Level, String> {
+        Level::parse(&self.log_level).ok_or_else(|| {
+            format!(
+                "log_level must be error, warn, info or debug, got '{}'",
+                self.log_level
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_and_sets_only_defaults() {
+        let text = include_str!("../../systemd/crystald.toml");
+        let cfg = Config::parse(text).unwrap();
+        let expected = Config {
+            model: Some("/var/lib/crystald/model.gguf".into()),
+            ..Config::default()
+        };
+        assert_eq!(cfg, expected);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        let e = Config::parse("queue_sise = 3").unwrap_err();
+        assert!(e.contains("queue_sise"), "{e}");
+        let cfg = Config::parse(
+            "model = \"m\"\nsocket_mode = \"0999\"\nallowed_users = [\"alice\", 1000]",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.allowed_users,
+            [Principal::Name("alice".into()), Principal::Id(1000)]
+        );
+        assert!(cfg.validate().unwrap_err().contains("socket_mode"));
+    }
+
+    #[test]
+    fn a_missing_file_is_fine_unless_named() {
+        let p = Path::new("/nonexistent/crystald.toml");
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+        assert!(Config::load(p, true).is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! `crystald serve`: the long-running daemon.
+//!
+//! - [`protocol`]: requests, replies and their checks (transport-neutral);
+//! - [`scheduler`]: the bounded queue and the inference worker;
+//! - [`transport`]: how clients connect (the Unix socket);
+//! - [`access`]: which peers are served;
+//! - [`lifecycle`]: sockets, signals, systemd notifications;
+//! - [`config`], [`logging`].
+//!
+//! The daemon has no unsafe code except adopting a socket-activation
+//! descriptor (see [`lifecycle`]).
+#![deny(unsafe_code)]
+
+pub mod access;
+pub mod config;
+pub mod lifecycle;
+pub mod logging;
+pub mod protocol;
+pub mod scheduler;
+pub mod transport;
+
+use crate::model::{KvType, Model};
+use crate::tokenizer::Tokenizer;
+use config::Config;
+use logging::log_info;
+use scheduler::{Scheduler, SchedulerConfig};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use transport::unix::{UnixOptions, UnixServer};
+
+/// How long replies already produced may take to reach clients at exit.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the daemon until SIGINT or SIGTERM. `load` loads the model named in
+/// the configuration; it is called after the socket is claimed, so a second
+/// daemon fails before spending time on it.
+pub fn serve(
+    cfg: Config,
+    load: impl FnOnce(&Config) -> Result<(Model, Tokenizer), String>,
+) -> Result<(), String> {
+    cfg.validate()?;
+    logging::set_level(cfg.level()?);
+    let access = access::Access::resolve(&cfg.allowed_users, &cfg.allowed_groups)?;
+    let signals = lifecycle::signals()?;
+    let (listener, bound) = match lifecycle::inherited_listener()? {
+        Some(l) => {
+            log_info!("using the socket passed by systemd");
+            (l, None)
+        }
+        None => {
+            let (l, guard) =
+                lifecycle::bind(&cfg.socket, cfg.mode()?, cfg.socket_group.as_deref())?;
+            (l, Some(guard))
+        }
+    };
+    let model_path = cfg.model.clone().expect("validated");
+    lifecycle::notify("STATUS=Loading the model");
+    log_info!("loading {}", model_path.display());
+    let (model, tok) = load(&cfg)?;
+    if signals.try_recv().is_ok() {
+        log_info!("stop requested while loading; exiting");
+        return Ok(());
+    }
+    let n_ctx = cfg.ctx.unwrap_or(model.hp.context_length);
+    let name = model.name().to_string();
+    log_info!(
+        "model {name}: {} layers, context {} (serving {}), kernels {}, {} threads",
+        model.hp.n_layer,
+        model.hp.context_length,
+        n_ctx.min(model.hp.context_length),
+        model.kernels.name(),
+        model.threads()
+    );
+    let worker = Scheduler::start(
+        model,
+        Arc::new(tok),
+        SchedulerConfig {
+            queue_size: cfg.queue_size,
+            n_ctx,
+            kv_type: KvType::parse(&cfg.kv_type).expect("validated"),
+            default_max_tokens: cfg.default_max_tokens,
+        },
+    );
+    let mut server = UnixServer::spawn(
+        listener,
+        worker.scheduler().clone(),
+        access,
+        UnixOptions {
+            max_line_bytes: cfg.max_line_bytes,
+            max_pending_replies: cfg.max_pending_replies,
+            max_connections: cfg.max_connections,
+        },
+    );
+    let sched = worker.scheduler().clone();
+    let watchdog = lifecycle::start_watchdog(move || sched.is_alive());
+    let where_ = match &bound {
+        Some(b) => b.path.display().to_string(),
+        None => "the systemd socket".into(),
+    };
+    lifecycle::notify(&format!("READY=1\nSTATUS=Serving {name} on {where_}"));
+    log_info!("ready: serving {name} on {where_}");
+
+    // Any message, or the handler's channel closing, means stop.
+    let _ = signals.recv();
+    lifecycle::notify("STOPPING=1\nSTATUS=Stopping: finishing the running request");
+    log_info!(
+        "stopping: no new connections, draining for up to {}s",
+        cfg.drain_timeout_s
+    );
+    server.stop_accepting();
+    drop(bound);
+    worker.shutdown(Duration::from_secs_f64(cfg.drain_timeout_s), &signals);
+    server.close(FLUSH_TIMEOUT);
+    if let Some(w) = watchdog {
+        w.store(true, Ordering::SeqCst);
+    }
+    log_info!("stopped");
+    Ok(())
+}
