@@ -23,6 +23,8 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Run token ids through the model: logits at every position and a greedy continuation.
     Eval(cli::eval::Args),
+    /// Measure prefill and decode speed, start-up time and memory.
+    Bench(cli::bench::Args),
 }
 
 fn main() {
@@ -31,6 +33,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("crystald: error: {e:#}");

@@ -1,5 +1,6 @@
 //! Subcommands of the `crystald` binary.
 
+pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod tokenize;
