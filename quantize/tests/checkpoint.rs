@@ -773,3 +773,115 @@ fn safetensors_header_errors_name_tensor() {
     let (kind, _) = open_err(tmp.path(), "tensor 'q'");
     assert_eq!(kind, ErrorKind::Unsupported);
 }
+
+fn write_safetensors(path: &Path, tensors: &[(&str, &[u64], Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let begin = data.len();
+        data.extend(floats(values.iter().copied()));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [begin, data.len()]}),
+        );
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut b = (h.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(&h);
+    b.extend_from_slice(&data);
+    fs::write(path, b).unwrap();
+}
+
+#[test]
+fn sharded_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = "model-00001-of-00002.safetensors";
+    let b = "model-00002-of-00002.safetensors";
+    write_safetensors(
+        &tmp.path().join(a),
+        &[("x", &[2], vec![1.0, 2.0]), ("y", &[1], vec![3.0])],
+    );
+    write_safetensors(
+        &tmp.path().join(b),
+        &[("z", &[2, 2], vec![4.0, 5.0, 6.0, 7.0])],
+    );
+    let idx =
+        serde_json::json!({"metadata": {"total_size": 28}, "weight_map": {"x": a, "y": a, "z": b}});
+    let idx_path = tmp.path().join("model.safetensors.index.json");
+    fs::write(&idx_path, serde_json::to_vec(&idx).unwrap()).unwrap();
+    let ck = Checkpoint::open(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ck.layout(), Layout::SafetensorsSharded);
+    assert_eq!(ck.names(), vec!["x", "y", "z"]);
+    assert_eq!(ck.total_bytes(), 28);
+    let z = ck.get("z").unwrap();
+    assert!(z.file.ends_with(b));
+    assert_eq!(z.shape, vec![2, 2]);
+    assert_eq!(f32s(&z), vec![4.0, 5.0, 6.0, 7.0]);
+    assert_eq!(f32s(&ck.get("y").unwrap()), vec![3.0]);
+    drop(ck);
+
+    // The same tensor in both shards is refused.
+    write_safetensors(&tmp.path().join(b), &[("x", &[1], vec![0.0])]);
+    let (kind, msg) = open_err(tmp.path(), "tensor 'x'");
+    assert_eq!(kind, ErrorKind::Duplicate, "{msg}");
+}
+
+#[test]
+fn checkpoint_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Checkpoint>();
+    assert_send_sync::<crystal_quantize::checkpoint::CheckpointError>();
+}
+
+/// Resident bytes of the mapping that contains `p`, from /proc/self/smaps.
+#[cfg(target_os = "linux")]
+fn mapping_rss(p: *const u8) -> u64 {
+    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+    let addr = p as u64;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                inside = lo <= addr && addr < hi;
+                continue;
+            }
+        }
+        if inside {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                return kb
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+                    * 1024;
+            }
+        }
+    }
+    panic!("no mapping contains {p:?}");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn release_returns_resident_pages() {
+    let ck = Checkpoint::open(&fixture("tiny-b")).unwrap();
+    let wte = ck.get("transformer.wte.weight").unwrap();
+    let len = wte.bytes.len() as u64; // 32 MB
+    let before = mapping_rss(wte.bytes.as_ptr());
+    let sum: u64 = wte.bytes.iter().step_by(4096).map(|&b| b as u64).sum();
+    std::hint::black_box(sum);
+    let touched = mapping_rss(wte.bytes.as_ptr());
+    assert!(
+        touched >= before + len * 3 / 4,
+        "touched: {touched} of {len}"
+    );
+    ck.release(&wte);
+    let after = mapping_rss(wte.bytes.as_ptr());
+    // Pages outside the tensor (the pickle, the central directory, fault-around of the
+    // neighbours) may stay; the tensor's own pages must go.
+    assert!(
+        after <= before + len / 8 && touched - after >= len * 3 / 4,
+        "resident before {before}, touched {touched}, after release {after} ({len} bytes)"
+    );
+}
