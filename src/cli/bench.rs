@@ -42,17 +42,13 @@ struct Sample {
     kv_mb: f64,
 }
 
-/// (VmHWM, RssAnon) in MB from /proc/self/status.
+/// (peak RSS, anonymous RSS) in MiB.
 fn memory_mb() -> (f64, f64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(f64::NAN, |kb| kb / 1024.0)
-    };
-    (field("VmHWM:"), field("RssAnon:"))
+    let mb = |b: Option<u64>| b.map_or(f64::NAN, |b| b as f64 / (1 << 20) as f64);
+    (
+        mb(crystald::procfs::peak_rss()),
+        mb(crystald::procfs::status_bytes("RssAnon")),
+    )
 }
 
 fn measure(a: &Args, threads: usize) -> Result<Sample> {
@@ -69,7 +65,9 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
 
     // A fixed pseudo-random prompt of ordinary text tokens.
     let vocab = model.hp.vocab_size as u64;
-    let prompt: Vec<u32> = (0..a.prompt_tokens as u64).map(|i| (1000 + (i * 7919) % (vocab.min(32000) - 1000)) as u32).collect();
+    let prompt: Vec<u32> = (0..a.prompt_tokens as u64)
+        .map(|i| (1000 + (i * 7919) % (vocab.min(32000) - 1000)) as u32)
+        .collect();
     let t = Instant::now();
     let logits = session.forward(&model, &prompt, Logits::Last)?;
     let mut next = argmax(logits);
@@ -117,16 +115,34 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the crystald binary")?;
-    let file_mb = std::fs::metadata(&a.model.model).with_context(|| a.model.model.display().to_string())?.len() as f64 / (1 << 20) as f64;
-    eprintln!("model {} ({file_mb:.0} MiB), prompt {} tokens, {} generated, KV {:?}, {} reps", a.model.model.display(), a.prompt_tokens, a.gen_tokens, a.kv_type, a.reps);
+    let file_mb = std::fs::metadata(&a.model.model)
+        .with_context(|| a.model.model.display().to_string())?
+        .len() as f64
+        / (1 << 20) as f64;
+    eprintln!(
+        "model {} ({file_mb:.0} MiB), prompt {} tokens, {} generated, KV {:?}, {} reps",
+        a.model.model.display(),
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.kv_type,
+        a.reps
+    );
     println!("| threads | prefill tok/s | decode tok/s | load ms | peak RSS MiB | anon RSS MiB | KV MiB |");
     println!("|---|---|---|---|---|---|---|");
     for &threads in &a.threads_list {
         let mut samples = Vec::new();
         for _ in 0..a.reps {
             let mut cmd = Command::new(&exe);
-            cmd.arg("bench").arg("--child").arg("--model").arg(&a.model.model).arg("--threads").arg(threads.to_string());
-            cmd.arg("--prompt-tokens").arg(a.prompt_tokens.to_string()).arg("--gen-tokens").arg(a.gen_tokens.to_string());
+            cmd.arg("bench")
+                .arg("--child")
+                .arg("--model")
+                .arg(&a.model.model)
+                .arg("--threads")
+                .arg(threads.to_string());
+            cmd.arg("--prompt-tokens")
+                .arg(a.prompt_tokens.to_string())
+                .arg("--gen-tokens")
+                .arg(a.gen_tokens.to_string());
             cmd.arg("--kv-type").arg(match a.kv_type {
                 KvType::F16 => "f16",
                 KvType::F32 => "f32",
@@ -136,9 +152,13 @@ pub fn run(a: Args) -> Result<()> {
             }
             let out = cmd.output().context("running a bench child")?;
             if !out.status.success() {
-                bail!("bench child failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "bench child failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
-            samples.push(serde_json::from_slice::<Sample>(&out.stdout).context("bench child output")?);
+            samples
+                .push(serde_json::from_slice::<Sample>(&out.stdout).context("bench child output")?);
         }
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
         println!(
