@@ -23,6 +23,7 @@ pub mod kernels;
 #[cfg(feature = "runtime")]
 pub mod model;
 pub mod npy;
+pub mod procfs;
 #[cfg(feature = "runtime")]
 pub mod sampling;
 #[cfg(feature = "runtime")]

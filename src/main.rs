@@ -23,6 +23,8 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Run token ids through the model: logits at every position and a greedy continuation.
     Eval(cli::eval::Args),
+    /// Measure prefill and decode speed, start-up time and memory.
+    Bench(cli::bench::Args),
     /// Run the daemon: load the model and answer requests on a Unix socket.
     Serve(cli::serve::Args),
     /// Ask a running daemon one question; the answer streams to stdout.
@@ -35,6 +37,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Eval(a) => cli::eval::run(a),
+        Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Ask(a) => std::process::exit(cli::ask::run(a)),
     };

@@ -113,26 +113,28 @@ fn f16_matches_reference_within_2e_3() {
 }
 
 // Bounds for the quantized types are the measured values (README,
-// "Quantization quality") with a margin of about 1.5x.
+// "Quantization quality") with a margin of about 1.5x. Random weights give
+// nearly flat distributions, so top-1 agreement is a weak signal here and
+// KL divergence the main one.
 #[test]
 fn q8_0_quality_is_within_measured_bounds() {
     for fx in FIXTURES {
         each_kernel_set(|k| {
             let m = run(fx, "q8_0", k, KvType::F32);
             assert!(
-                m.rel_l2 <= 0.03,
+                m.rel_l2 <= 0.05,
                 "{fx} q8_0 {}: relative L2 error {:.3e}",
                 k.name(),
                 m.rel_l2
             );
             assert!(
-                m.kl <= 1.5e-3,
+                m.kl <= 1.2e-3,
                 "{fx} q8_0 {}: mean KL {:.3e}",
                 k.name(),
                 m.kl
             );
             assert!(
-                m.top1 >= 0.95,
+                m.top1 >= 0.85,
                 "{fx} q8_0 {}: top-1 agreement {:.3}",
                 k.name(),
                 m.top1
@@ -147,14 +149,14 @@ fn q4_0_quality_is_within_measured_bounds() {
         each_kernel_set(|k| {
             let m = run(fx, "q4_0", k, KvType::F32);
             assert!(
-                m.rel_l2 <= 0.5,
+                m.rel_l2 <= 0.45,
                 "{fx} q4_0 {}: relative L2 error {:.3e}",
                 k.name(),
                 m.rel_l2
             );
-            assert!(m.kl <= 0.15, "{fx} q4_0 {}: mean KL {:.3e}", k.name(), m.kl);
+            assert!(m.kl <= 0.1, "{fx} q4_0 {}: mean KL {:.3e}", k.name(), m.kl);
             assert!(
-                m.top1 >= 0.6,
+                m.top1 >= 0.25,
                 "{fx} q4_0 {}: top-1 agreement {:.3}",
                 k.name(),
                 m.top1

@@ -9,7 +9,7 @@ use crystald::model_file::{self, keys, Kind, TensorDesc};
 use crystald::quant::{self, GgmlType};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -105,23 +105,32 @@ impl Drop for TempOutput {
 }
 
 pub fn temp_path_for(output: &Path) -> PathBuf {
-    let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     output.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     let started = Instant::now();
     if opts.output.exists() && !opts.force {
-        bail!("{} already exists; pass --force to overwrite it", opts.output.display());
+        bail!(
+            "{} already exists; pass --force to overwrite it",
+            opts.output.display()
+        );
     }
     let hp = hf_config::read_hparams(&opts.input)?;
     let (tokenizer_json, special) = hf_config::read_tokenizer(&opts.input)?;
-    let ckpt = Checkpoint::open(&opts.input).with_context(|| format!("cannot open the checkpoint in {}", opts.input.display()))?;
+    let ckpt = Checkpoint::open(&opts.input)
+        .with_context(|| format!("cannot open the checkpoint in {}", opts.input.display()))?;
 
     let descs = model_file::tensor_descs(&hp);
     // Check every tensor before writing a byte, so a bad checkpoint fails fast.
     for d in &descs {
-        let t = ckpt.get(&d.hf_name).with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
+        let t = ckpt
+            .get(&d.hf_name)
+            .with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
         check_tensor(&t, d)?;
     }
     let embd = ckpt.get("transformer.wte.weight").expect("checked above");
@@ -134,13 +143,23 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
 
     let specs: Vec<TensorSpec> = descs
         .iter()
-        .map(|d| TensorSpec { name: d.name.clone(), dims: d.dims.clone(), ty: opts.preset.type_for(d.kind) })
+        .map(|d| TensorSpec {
+            name: d.name.clone(),
+            dims: d.dims.clone(),
+            ty: opts.preset.type_for(d.kind),
+        })
         .collect();
-    let input_bytes: u64 = descs.iter().map(|d| ckpt.get(&d.hf_name).unwrap().bytes.len() as u64).sum();
+    let input_bytes: u64 = descs
+        .iter()
+        .map(|d| ckpt.get(&d.hf_name).unwrap().bytes.len() as u64)
+        .sum();
     progress.start(input_bytes, descs.len());
 
     let mut metadata: Vec<(String, Value)> = vec![
-        (KEY_ARCHITECTURE.into(), Value::String(model_file::ARCH.into())),
+        (
+            KEY_ARCHITECTURE.into(),
+            Value::String(model_file::ARCH.into()),
+        ),
         (keys::NAME.into(), Value::String(model_name(&opts.input))),
         (keys::FILE_TYPE.into(), Value::U32(opts.preset.file_type())),
         (keys::QUANT_VERSION.into(), Value::U32(2)),
@@ -149,19 +168,33 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
     metadata.extend(special.to_metadata());
 
-    let tmp = TempOutput { path: temp_path_for(&opts.output), keep: false };
-    let file = File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
+    let tmp = TempOutput {
+        path: temp_path_for(&opts.output),
+        keep: false,
+    };
+    let file =
+        File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", opts.output.display());
-    let mut w = GgufWriter::new(BufWriter::with_capacity(8 << 20, file), &metadata, specs.clone(), 32).map_err(out_err)?;
+    let mut w = GgufWriter::new(
+        BufWriter::with_capacity(8 << 20, file),
+        &metadata,
+        specs.clone(),
+        32,
+    )
+    .map_err(out_err)?;
 
-    let mut summary = Summary { input_bytes, ..Summary::default() };
+    let mut summary = Summary {
+        input_bytes,
+        ..Summary::default()
+    };
     let mut done_in = 0u64;
     let mut src = Vec::new();
     let mut out = Vec::new();
     let mut laid_out = Vec::new();
     for (d, spec) in descs.iter().zip(&specs) {
         let t = ckpt.get(&d.hf_name).unwrap();
-        checkpoint::to_f32(&t, &mut src).with_context(|| format!("reading tensor '{}'", d.hf_name))?;
+        checkpoint::to_f32(&t, &mut src)
+            .with_context(|| format!("reading tensor '{}'", d.hf_name))?;
         check_finite(&d.hf_name, &src)?;
         if d.kind == Kind::Embedding {
             if let Some(h) = &lm_head {
@@ -181,11 +214,20 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
         }
         progress.tensor_done(&d.name, spec.ty, done_in);
     }
-    let file = w.finish().map_err(out_err)?.into_inner().map_err(|e| out_err(e.into_error()))?;
+    let file = w
+        .finish()
+        .map_err(out_err)?
+        .into_inner()
+        .map_err(|e| out_err(e.into_error()))?;
     file.sync_all().map_err(out_err)?;
     summary.output_bytes = file.metadata().map_err(out_err)?.len();
     drop(file);
-    std::fs::rename(&tmp.path, &opts.output).with_context(|| format!("cannot move the result into place at {}", opts.output.display()))?;
+    std::fs::rename(&tmp.path, &opts.output).with_context(|| {
+        format!(
+            "cannot move the result into place at {}",
+            opts.output.display()
+        )
+    })?;
     let mut tmp = tmp;
     tmp.keep = true;
     progress.finish();
@@ -211,7 +253,11 @@ fn check_tensor(t: &TensorRef<'_>, d: &TensorDesc) -> Result<()> {
         );
     }
     if let DType::Other(name) = &t.dtype {
-        bail!("tensor '{}' in {} has dtype {name}; only f32, f16 and bf16 weights are supported", d.hf_name, t.file.display());
+        bail!(
+            "tensor '{}' in {} has dtype {name}; only f32, f16 and bf16 weights are supported",
+            d.hf_name,
+            t.file.display()
+        );
     }
     Ok(())
 }
@@ -232,10 +278,20 @@ fn verify_tied(lm_head: &TensorRef<'_>, embd: &[f32]) -> Result<()> {
     const CHUNK_ROWS: usize = 256;
     let mut head = Vec::new();
     for (c, bytes) in lm_head.bytes.chunks(CHUNK_ROWS * row_bytes).enumerate() {
-        let part = TensorRef { bytes, shape: vec![(bytes.len() / row_bytes) as u64, cols as u64], dtype: lm_head.dtype.clone(), name: lm_head.name, file: lm_head.file };
+        let part = TensorRef {
+            bytes,
+            shape: vec![(bytes.len() / row_bytes) as u64, cols as u64],
+            dtype: lm_head.dtype.clone(),
+            name: lm_head.name,
+            file: lm_head.file,
+        };
         checkpoint::to_f32(&part, &mut head).context("reading tensor 'lm_head.weight'")?;
         let base = c * CHUNK_ROWS * cols;
-        if let Some(i) = head.iter().zip(&embd[base..]).position(|(a, b)| a.to_bits() != b.to_bits()) {
+        if let Some(i) = head
+            .iter()
+            .zip(&embd[base..])
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
             bail!(
                 "lm_head.weight differs from transformer.wte.weight (first at flat index {}: {} vs {}); CrystalCoder ties them, so this checkpoint is not one",
                 base + i,
@@ -286,13 +342,18 @@ fn transpose_into(src: &[f32], n_in: usize, n_out: usize, dst: &mut [f32], dst_s
 
 /// Encodes rows of `cols` values into `out`, splitting rows across threads.
 fn encode_rows(ty: GgmlType, values: &[f32], cols: usize, out: &mut Vec<u8>, threads: usize) {
-    let row_bytes = ty.row_bytes(cols).expect("file shapes are padded to whole blocks");
+    let row_bytes = ty
+        .row_bytes(cols)
+        .expect("file shapes are padded to whole blocks");
     let n_rows = values.len() / cols;
     out.clear();
     out.resize(n_rows * row_bytes, 0);
     let per = n_rows.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
-        for (src, dst) in values.chunks(per * cols).zip(out.chunks_mut(per * row_bytes)) {
+        for (src, dst) in values
+            .chunks(per * cols)
+            .zip(out.chunks_mut(per * row_bytes))
+        {
             s.spawn(move || {
                 for (x, y) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(row_bytes)) {
                     quant::quantize_row(ty, x, y);
@@ -313,7 +374,10 @@ mod tests {
         let mut dst = vec![9.0; 4 * 4];
         dst.iter_mut().for_each(|v| *v = 0.0);
         transpose_into(&src, 2, 3, &mut dst, 4);
-        assert_eq!(&dst[..12], &[1., 4., 0., 0., 2., 5., 0., 0., 3., 6., 0., 0.]);
+        assert_eq!(
+            &dst[..12],
+            &[1., 4., 0., 0., 2., 5., 0., 0., 3., 6., 0., 0.]
+        );
     }
 
     #[test]

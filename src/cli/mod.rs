@@ -1,6 +1,7 @@
 //! Subcommands of the `crystald` binary.
 
 pub mod ask;
+pub mod bench;
 pub mod eval;
 pub mod generate;
 pub mod serve;

@@ -31,7 +31,7 @@ pub fn run(a: Args) -> Result<()> {
                 path.display()
             )
         })?;
-        chat::render(&tok, &messages)?
+        chat::render(&tok, &messages).with_context(|| path.display().to_string())?
     };
     println!("{}", serde_json::to_string(&ids)?);
     Ok(())

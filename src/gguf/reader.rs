@@ -106,7 +106,7 @@ impl<'a> Cursor<'a> {
         if n > max {
             return Err(Error::Format {
                 offset: at as u64,
-                what: format!("{what} is {n}, but the rest of the file can hold at most {max}"),
+                what: format!("{what} is {n}, but the rest of the file can hold at most {max}: the file is truncated or corrupt"),
             });
         }
         Ok(n as usize)

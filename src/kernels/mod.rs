@@ -10,6 +10,8 @@
 //! quantized on the fly to Q8_0 (blocks of 32, as ggml does) and each block
 //! product is an integer dot scaled by the two block scales.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 pub mod scalar;
 
 use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
@@ -115,6 +117,10 @@ pub trait Kernels: Send + Sync {
 pub fn available() -> Vec<&'static dyn Kernels> {
     let mut v: Vec<&'static dyn Kernels> = Vec::new();
     v.push(&scalar::Scalar);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = avx2::Avx2::detect() {
+        v.push(k);
+    }
     v.reverse();
     v
 }

@@ -1,0 +1,253 @@
+//! The `crystal-quantize` command on good and bad checkpoints: every failure
+//! names the file or tensor, exits non-zero, and leaves no output behind.
+
+use crystal_quantize::synth::{self, SynthFormat, SynthOptions, SynthShape};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}
+
+fn synth_checkpoint(dir: &Path, format: SynthFormat) {
+    let opts = SynthOptions {
+        shape: SynthShape::Tiny,
+        format,
+        seed: 7,
+        tokenizer_json: shared().join("crystalchat/tokenizer.json"),
+    };
+    synth::write_synthetic(dir, &opts, &mut |_, _, _| {}).unwrap();
+}
+
+fn quantize(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_crystal-quantize"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs a conversion that must fail; checks the message and that the output
+/// directory holds nothing new.
+fn expect_failure(input: &Path, out_dir: &Path, must_mention: &[&str]) -> String {
+    let out = out_dir.join("model.gguf");
+    let r = quantize(&[
+        input.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--quiet".as_ref(),
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    assert!(
+        !r.status.success(),
+        "conversion of {} succeeded unexpectedly",
+        input.display()
+    );
+    for m in must_mention {
+        assert!(err.contains(m), "error should mention '{m}': {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "output directory not clean after failure: {left:?}"
+    );
+    err
+}
+
+#[test]
+fn converts_all_formats_and_refuses_to_overwrite() {
+    for format in [
+        SynthFormat::SafetensorsBf16,
+        SynthFormat::BinF32Sharded { shards: 2 },
+    ] {
+        let src = tempfile::tempdir().unwrap();
+        synth_checkpoint(src.path(), format);
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("m.gguf");
+        let r = quantize(&[src.path().as_os_str(), "-o".as_ref(), out.as_os_str()]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let summary = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            summary.contains("bits/weight") && summary.contains("GB/s"),
+            "summary missing: {summary}"
+        );
+        assert!(
+            summary.contains("q4_0") && summary.contains("q8_0") && summary.contains("f32"),
+            "{summary}"
+        );
+        let before = std::fs::read(&out).unwrap();
+        let r = quantize(&[
+            src.path().as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            "f16".as_ref(),
+        ]);
+        assert!(!r.status.success());
+        assert!(String::from_utf8_lossy(&r.stderr).contains("--force"));
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            before,
+            "existing output was modified"
+        );
+        let r = quantize(&[
+            src.path().as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            "f16".as_ref(),
+            "--force".as_ref(),
+        ]);
+        assert!(r.status.success());
+        assert_ne!(std::fs::read(&out).unwrap(), before);
+    }
+}
+
+#[test]
+fn missing_config_or_tokenizer() {
+    for file in ["config.json", "tokenizer.json"] {
+        let src = tempfile::tempdir().unwrap();
+        synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+        std::fs::remove_file(src.path().join(file)).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        expect_failure(src.path(), out.path(), &[file]);
+    }
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut cfg);
+    std::fs::write(&p, serde_json::to_string(&cfg).unwrap()).unwrap();
+}
+
+#[test]
+fn wrong_model_type_and_shape_contradicting_config() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    edit_config(src.path(), |c| c["model_type"] = "llama".into());
+    let out = tempfile::tempdir().unwrap();
+    expect_failure(src.path(), out.path(), &["model_type", "llama"]);
+
+    edit_config(src.path(), |c| {
+        c["model_type"] = "crystalcoder".into();
+        c["n_inner"] = 352.into();
+    });
+    expect_failure(
+        src.path(),
+        out.path(),
+        &["transformer.h.0.mlp.c_fc.weight", "shape"],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    // One more layer than the file has.
+    edit_config(src.path(), |c| {
+        c["n_layer"] = (c["n_layer"].as_u64().unwrap() + 1).into()
+    });
+    let out = tempfile::tempdir().unwrap();
+    expect_failure(src.path(), out.path(), &["transformer.h.2.", "missing"]);
+}
+
+#[test]
+fn truncated_shard_and_corrupted_zip_and_pickle() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::BinF32Sharded { shards: 2 });
+    let shard = src.path().join("pytorch_model-00002-of-00002.bin");
+    let good = std::fs::read(&shard).unwrap();
+    let out = tempfile::tempdir().unwrap();
+
+    std::fs::write(&shard, &good[..good.len() * 2 / 3]).unwrap();
+    expect_failure(
+        src.path(),
+        out.path(),
+        &["pytorch_model-00002-of-00002.bin"],
+    );
+
+    // Garble the zip's end-of-central-directory record.
+    let mut bad = good.clone();
+    let eocd = bad.windows(4).rposition(|w| w == b"PK\x05\x06").unwrap();
+    bad[eocd + 16..eocd + 20].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&shard, &bad).unwrap();
+    expect_failure(
+        src.path(),
+        out.path(),
+        &["pytorch_model-00002-of-00002.bin"],
+    );
+
+    // Garble the pickle: overwrite its opcodes after the protocol header.
+    let mut bad = good.clone();
+    let pkl = bad.windows(8).position(|w| w == b"data.pkl").unwrap();
+    let body = bad[pkl..]
+        .windows(2)
+        .position(|w| w == [0x80, 0x02])
+        .unwrap()
+        + pkl;
+    bad[body + 2..body + 40].fill(0xFF);
+    std::fs::write(&shard, &bad).unwrap();
+    expect_failure(
+        src.path(),
+        out.path(),
+        &["pytorch_model-00002-of-00002.bin"],
+    );
+}
+
+#[test]
+fn non_finite_weight_is_named() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    let p = src.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "transformer.h.1.attn.c_proj.weight";
+    let start = header[name]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+    bytes[start + 20..start + 22].copy_from_slice(&0x7FC0u16.to_le_bytes()); // bf16 NaN
+    std::fs::write(&p, &bytes).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    expect_failure(src.path(), out.path(), &[name, "NaN"]);
+}
+
+#[test]
+fn unwritable_and_full_output_locations() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    let out = tempfile::tempdir().unwrap();
+    // A path below a regular file cannot be created, even by root.
+    let file = out.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let target = file.join("model.gguf");
+    let r = quantize(&[src.path().as_os_str(), "-o".as_ref(), target.as_os_str()]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("plain-file"), "{err}");
+
+    // A full disk, simulated with a file-size limit (SIGXFSZ ignored so the
+    // write fails with EFBIG the way ENOSPC would).
+    let full = tempfile::tempdir().unwrap();
+    let target = full.path().join("model.gguf");
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 200; exec '{}' '{}' -o '{}' --quiet",
+        env!("CARGO_BIN_EXE_crystal-quantize"),
+        src.path().display(),
+        target.display()
+    );
+    let r = Command::new("bash").arg("-c").arg(script).output().unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("model.gguf") && err.contains("too large"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(full.path()).unwrap().count(),
+        0,
+        "partial output left behind"
+    );
+}

@@ -1,0 +1,693 @@
+//! x86-64 kernels for CPUs with AVX2, FMA and F16C (Haswell and later, Zen).
+//!
+//! Matrix products work on register tiles of `R` weight rows × `T` tokens:
+//! each weight block is loaded and unpacked once per tile and reused for
+//! `T` tokens, each activation block once and reused for `R` rows. Decode
+//! (one token) is bound by how fast the weights stream from memory, so it
+//! uses a few rows at once (independent streams and accumulator chains);
+//! prefill is bound by the integer multiply, so it uses many tokens per
+//! unpacked weight block.
+//!
+//! Every intrinsic needs the three features, so all SIMD code lives in
+//! `unsafe fn`s with `#[target_feature]`; the only way to call them is
+//! through an [`Avx2`] value, and the only way to get one is [`Avx2::detect`],
+//! which checks the CPU. Loads go through fixed-size arrays or slices whose
+//! length was checked just before, so no load can leave its buffer.
+
+use super::{Acts, Kernels, Weight};
+use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use half::f16;
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+/// The AVX2 kernels. The private field keeps it from being built outside
+/// this module, so holding one proves the CPU check passed.
+pub struct Avx2 {
+    _checked: (),
+}
+
+static AVX2: Avx2 = Avx2 { _checked: () };
+
+impl Avx2 {
+    /// The kernels, if this CPU (and OS) supports AVX2, FMA and F16C.
+    pub fn detect() -> Option<&'static Avx2> {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            Some(&AVX2)
+        } else {
+            None
+        }
+    }
+}
+
+/// Decode tile: rows per pass for one token. Four streams keep the
+/// prefetchers busy and give four independent FMA chains.
+const DECODE_ROWS: usize = 4;
+/// Prefill tile: weight rows × tokens per pass, sized so the accumulators,
+/// unpacked weights and constants fit the 16 ymm registers.
+const PREFILL_ROWS: usize = 2;
+const PREFILL_TOKENS: usize = 4;
+/// How far ahead of the current block the decode loop asks for weights, in
+/// blocks. Hardware prefetchers follow the row streams, but a software hint
+/// a few cache lines ahead hides the page-crossing restarts.
+const PREFETCH_BLOCKS: usize = 16;
+
+impl Kernels for Avx2 {
+    fn name(&self) -> &'static str {
+        "avx2"
+    }
+
+    fn matmul_rows(&self, w: &Weight<'_>, x: &Acts<'_>, rows: Range<usize>, out: &mut [f32]) {
+        let n = x.n_tokens(w.cols);
+        assert!(
+            rows.end <= w.rows,
+            "rows {rows:?} out of {} weight rows",
+            w.rows
+        );
+        assert!(
+            out.len() >= rows.len() * n,
+            "output too short for {} rows × {n} tokens",
+            rows.len()
+        );
+        let out = &mut out[..rows.len() * n];
+        match (w.ty, x) {
+            (GgmlType::Q4_0, Acts::Q8_0(x)) => {
+                let nb = w.cols / QK;
+                // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+                unsafe { matmul_q4_0(w.q4_0_rows(rows), nb, &x[..n * nb], n, out) }
+            }
+            (GgmlType::Q8_0, Acts::Q8_0(x)) => {
+                let nb = w.cols / QK;
+                // SAFETY: as above.
+                unsafe { matmul_q8_0(w.q8_0_rows(rows), nb, &x[..n * nb], n, out) }
+            }
+            (GgmlType::F16, Acts::F32(x)) => {
+                // SAFETY: as above.
+                unsafe { matmul_f16(w.f16_rows(rows), w.cols, &x[..n * w.cols], n, out) }
+            }
+            (GgmlType::F32, Acts::F32(x)) => {
+                // SAFETY: as above.
+                unsafe { matmul_f32(w.f32_rows(rows), w.cols, &x[..n * w.cols], n, out) }
+            }
+            (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
+        }
+    }
+
+    fn quantize_q8_0(&self, x: &[f32], y: &mut [BlockQ8_0]) {
+        for (b, x) in y.iter_mut().zip(x.chunks_exact(QK)) {
+            let x: &[f32; QK] = x.try_into().expect("chunks_exact gives QK values");
+            // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+            *b = unsafe { quantize_block_q8_0(x) };
+        }
+    }
+
+    fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        // SAFETY: CPU features as above; both slices are cut to the same length.
+        unsafe { dot_f32(&a[..n], &b[..n]) }
+    }
+
+    fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32 {
+        let n = a.len().min(b.len());
+        // SAFETY: as above.
+        unsafe { dot_f16(&a[..n], &b[..n]) }
+    }
+
+    fn axpy_f32(&self, a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        // SAFETY: as above.
+        unsafe { axpy_f32(a, &x[..n], &mut y[..n]) }
+    }
+
+    fn axpy_f16(&self, a: f32, x: &[f16], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        // SAFETY: as above.
+        unsafe { axpy_f16(a, &x[..n], &mut y[..n]) }
+    }
+}
+
+// Everything below: callers must make sure the CPU supports avx2, fma and
+// f16c (holding an `Avx2` proves it). That is the only safety requirement;
+// indexing is bounds-checked, and raw loads read whole fixed-size arrays or
+// sub-slices whose length was just checked.
+
+/// Sum of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_to_f32(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Eight f32 from `s[..8]`; `s` must hold at least 8 (checked by slicing).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8(s: &[f32]) -> __m256 {
+    let s = &s[..8];
+    _mm256_loadu_ps(s.as_ptr())
+}
+
+/// Eight f16 from `s[..8]`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8_f16(s: &[f16]) -> __m256 {
+    let s = &s[..8];
+    _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()))
+}
+
+/// Hints that the cache line at `p` will be read soon. Prefetches never
+/// fault, and `wrapping_add` by the caller keeps the address computation
+/// defined even past the end of the buffer.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch<T>(p: *const T) {
+    _mm_prefetch(p.cast::<i8>(), _MM_HINT_T0);
+}
+
+/// Q8_0 activations repacked for the tiles: tokens in groups of
+/// `PREFILL_TOKENS` (the last group may be smaller), and within a group
+/// block-major (`[block][token]`), so a tile walks one contiguous, 32-byte
+/// aligned stream instead of 34-byte strided rows; scales widened to f32
+/// once rather than once per weight row.
+struct Packed {
+    n: usize,
+    qs: Vec<__m256i>,
+    /// Q4_0 only: `8·(x[2i] + x[2i+1])` as 16 i16 lanes, the correction
+    /// that turns a product with unsigned nibbles `q` into one with `q - 8`.
+    bias: Vec<__m256i>,
+    scale: Vec<f32>,
+}
+
+/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`). The group of
+/// tokens `t0..t0 + g` starts at index `t0 * nb`; block `b` of its token
+/// `t` is at `t0 * nb + b * g + t`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool) -> Packed {
+    assert_eq!(x.len(), n * nb);
+    let eight = _mm256_set1_epi8(8);
+    let mut p = Packed {
+        n,
+        qs: Vec::with_capacity(n * nb),
+        bias: Vec::with_capacity(if with_bias { n * nb } else { 0 }),
+        scale: Vec::with_capacity(n * nb),
+    };
+    // Loops, not iterator closures: closures may not inherit the target features.
+    let mut t0 = 0;
+    while t0 < n {
+        let g = PREFILL_TOKENS.min(n - t0);
+        for b in 0..nb {
+            for t in t0..t0 + g {
+                let blk = &x[t * nb + b];
+                let v = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+                p.qs.push(v);
+                if with_bias {
+                    p.bias.push(_mm256_maddubs_epi16(eight, v));
+                }
+                p.scale.push(half_to_f32(blk.d));
+            }
+        }
+        t0 += g;
+    }
+    p
+}
+
+/// The weight block scale in all eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale8(bits: u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+}
+
+/// Where a tile's tokens are: the group starting at token `t0` with `g`
+/// tokens, and within it tokens `off..off + T`.
+#[derive(Clone, Copy)]
+struct Group {
+    t0: usize,
+    g: usize,
+    off: usize,
+}
+
+/// Checks the lengths a tile of `r` rows × `t` tokens reads and writes, so
+/// the tile can index without per-access checks: its largest activation
+/// index is `t0 * nb + (nb - 1) * g + off + t - 1 < (t0 + g) * nb <= n * nb`.
+#[allow(clippy::too_many_arguments)]
+fn check_tile<W>(
+    r: usize,
+    t: usize,
+    nb: usize,
+    w: &[W],
+    x: &Packed,
+    at: Group,
+    out: &[f32],
+    bias: bool,
+) {
+    assert!(r >= 1 && t >= 1 && at.off + t <= at.g && at.t0 + at.g <= x.n);
+    assert!(w.len() >= r * nb && x.qs.len() >= nb * x.n && x.scale.len() >= nb * x.n);
+    assert!(!bias || x.bias.len() >= nb * x.n);
+    assert!(out.len() >= (r - 1) * x.n + at.t0 + at.g);
+}
+
+/// `R` weight rows × `T` tokens (at `at`) of Q4_0 × Q8_0. `w` holds the
+/// `R` rows (`nb` blocks each); `out[r * n + k]` receives row `r` · token `k`.
+///
+/// The nibbles stay unsigned (0..=15), which is the operand `maddubs`
+/// (u8 × i8) wants, and the `- 8` comes off as the precomputed activation
+/// bias: q·x - 8·x. Pair sums stay within i16 (15·128·2 < 32768), so the
+/// integer part is exact. One 16-byte load broadcast to both halves and a
+/// per-half shift (0 or 4) unpacks a block without a cross-lane shuffle.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_0<const R: usize, const T: usize>(
+    w: &[BlockQ4_0],
+    nb: usize,
+    x: &Packed,
+    at: Group,
+    out: &mut [f32],
+) {
+    check_tile(R, T, nb, w, x, at, out, true);
+    let n = x.n;
+    let (wp, xp, bp, sp) = (w.as_ptr(), x.qs.as_ptr(), x.bias.as_ptr(), x.scale.as_ptr());
+    let low = _mm256_set1_epi8(0x0F);
+    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        let mut q = [_mm256_setzero_si256(); R];
+        let mut dw = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: r < R and b < nb, and check_tile saw w.len() >= R * nb.
+            let blk = &*wp.add(r * nb + b);
+            prefetch(wp.wrapping_add(r * nb + b + PREFETCH_BLOCKS));
+            let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
+            q[r] = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), low);
+            dw[r] = scale8(blk.d);
+        }
+        for t in 0..T {
+            // SAFETY: i < n * nb, the length check_tile saw (see there).
+            let i = at.t0 * nb + b * at.g + at.off + t;
+            let (xv, bias, dx) = (*xp.add(i), *bp.add(i), _mm256_set1_ps(*sp.add(i)));
+            for r in 0..R {
+                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), bias);
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                acc[r][t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * n + at.t0 + at.off + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Q8_0 × Q8_0 tile. Both operands are signed, so the weight's sign moves
+/// onto the activation (`sign`) and its magnitude is the unsigned operand.
+/// Exact for values in -127..=127, the range `quantize_q8_0` produces.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q8_0<const R: usize, const T: usize>(
+    w: &[BlockQ8_0],
+    nb: usize,
+    x: &Packed,
+    at: Group,
+    out: &mut [f32],
+) {
+    check_tile(R, T, nb, w, x, at, out, false);
+    let n = x.n;
+    let (wp, xp, sp) = (w.as_ptr(), x.qs.as_ptr(), x.scale.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        let mut q = [_mm256_setzero_si256(); R];
+        let mut mag = [_mm256_setzero_si256(); R];
+        let mut dw = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            // SAFETY: r < R and b < nb, and check_tile saw w.len() >= R * nb.
+            let blk = &*wp.add(r * nb + b);
+            prefetch(wp.wrapping_add(r * nb + b + PREFETCH_BLOCKS / 2));
+            q[r] = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+            mag[r] = _mm256_sign_epi8(q[r], q[r]);
+            dw[r] = scale8(blk.d);
+        }
+        for t in 0..T {
+            // SAFETY: i < n * nb, the length check_tile saw (see there).
+            let i = at.t0 * nb + b * at.g + at.off + t;
+            let (xv, dx) = (*xp.add(i), _mm256_set1_ps(*sp.add(i)));
+            for r in 0..R {
+                let p = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(xv, q[r]));
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                acc[r][t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            out[r * n + at.t0 + at.off + t] = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// Runs `tile::<R, _>` on rows `w` for the token group `t0..t0 + g`
+/// (`g <= PREFILL_TOKENS`): one full tile, or tiles of 2 and 1.
+macro_rules! group_tiles {
+    ($tile:ident, $R:expr, $w:expr, $nb:expr, $x:expr, $t0:expr, $g:expr, $out:expr) => {{
+        let (w, nb, x, t0, g, out) = ($w, $nb, $x, $t0, $g, $out);
+        let at = |off| Group { t0, g, off };
+        match g {
+            PREFILL_TOKENS => $tile::<$R, PREFILL_TOKENS>(w, nb, x, at(0), out),
+            _ => {
+                let mut off = 0;
+                while g - off >= 2 {
+                    $tile::<$R, 2>(w, nb, x, at(off), &mut *out);
+                    off += 2;
+                }
+                if g - off == 1 {
+                    $tile::<$R, 1>(w, nb, x, at(off), out);
+                }
+            }
+        }
+    }};
+}
+
+/// Runs a quantized tile over all rows of `w` and all `n` tokens.
+///
+/// Decode: `DECODE_ROWS` rows at a time straight through the weights.
+/// Prefill: token groups outside, rows inside, so a group's packed
+/// activations (`nb` × 4 tokens × 68 bytes, under 100 KB) stay cached while
+/// the weights stream past once per group, reused by the group's tokens.
+macro_rules! quant_matmul {
+    ($tile:ident, $bias:expr, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr) => {{
+        let (w, nb, x, n, out) = ($w, $nb, $x, $n, $out);
+        if nb == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let x = &pack(x, nb, n, $bias);
+        let rows = w.len() / nb;
+        if n == 1 {
+            let one = Group {
+                t0: 0,
+                g: 1,
+                off: 0,
+            };
+            let mut r = 0;
+            while rows - r >= DECODE_ROWS {
+                let (wr, or) = (
+                    &w[r * nb..(r + DECODE_ROWS) * nb],
+                    &mut out[r..r + DECODE_ROWS],
+                );
+                $tile::<DECODE_ROWS, 1>(wr, nb, x, one, or);
+                r += DECODE_ROWS;
+            }
+            for r in r..rows {
+                $tile::<1, 1>(&w[r * nb..(r + 1) * nb], nb, x, one, &mut out[r..r + 1]);
+            }
+            return;
+        }
+        let mut t0 = 0;
+        while t0 < n {
+            let g = PREFILL_TOKENS.min(n - t0);
+            let mut r = 0;
+            while rows - r >= PREFILL_ROWS {
+                let (wr, or) = (
+                    &w[r * nb..(r + PREFILL_ROWS) * nb],
+                    &mut out[r * n..(r + PREFILL_ROWS) * n],
+                );
+                group_tiles!($tile, PREFILL_ROWS, wr, nb, x, t0, g, or);
+                r += PREFILL_ROWS;
+            }
+            for r in r..rows {
+                let (wr, or) = (&w[r * nb..(r + 1) * nb], &mut out[r * n..(r + 1) * n]);
+                group_tiles!($tile, 1, wr, nb, x, t0, g, or);
+            }
+            t0 += g;
+        }
+    }};
+}
+
+/// `w`: whole rows of `nb` blocks; `x`: `n` tokens of `nb` blocks;
+/// `out`: rows × `n`, grouped by row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_q4_0(w: &[BlockQ4_0], nb: usize, x: &[BlockQ8_0], n: usize, out: &mut [f32]) {
+    quant_matmul!(tile_q4_0, true, w, nb, x, n, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_q8_0(w: &[BlockQ8_0], nb: usize, x: &[BlockQ8_0], n: usize, out: &mut [f32]) {
+    quant_matmul!(tile_q8_0, false, w, nb, x, n, out)
+}
+
+// ---------------------------------------------------------------- F16/F32 × F32
+
+/// Float tile, for F16 (`load8_f16`) or F32 (`load8`) weights: `R` rows of
+/// `cols` × `T` tokens of `cols`, the last `cols % 8` columns in scalar code.
+macro_rules! float_tile {
+    ($name:ident, $wty:ty, $load:ident, $to_f32:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name<const R: usize, const T: usize>(
+            w: &[$wty],
+            cols: usize,
+            x: &[f32],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let w: [&[$wty]; R] = std::array::from_fn(|r| &w[r * cols..(r + 1) * cols]);
+            let x: [&[f32]; T] = std::array::from_fn(|t| &x[t * cols..(t + 1) * cols]);
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let main = cols / 8 * 8;
+            let mut c = 0;
+            while c < main {
+                let mut wv = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    prefetch(
+                        w[r].as_ptr()
+                            .wrapping_add(c + 256 / std::mem::size_of::<$wty>()),
+                    );
+                    wv[r] = $load(&w[r][c..]);
+                }
+                for t in 0..T {
+                    let xv = load8(&x[t][c..]);
+                    for r in 0..R {
+                        acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+                    }
+                }
+                c += 8;
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    let tail: f32 = w[r][main..]
+                        .iter()
+                        .zip(&x[t][main..])
+                        .map(|(&a, &b)| $to_f32(a) * b)
+                        .sum();
+                    out[r * stride + t] = hsum(acc[r][t]) + tail;
+                }
+            }
+        }
+    };
+}
+
+float_tile!(tile_f16, f16, load8_f16, f16::to_f32);
+float_tile!(tile_f32, f32, load8, |a: f32| a);
+
+macro_rules! float_matmul {
+    ($tile:ident, $w:expr, $cols:expr, $x:expr, $n:expr, $out:expr) => {{
+        let (w, cols, x, n, out) = ($w, $cols, $x, $n, $out);
+        if cols == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let rows = w.len() / cols;
+        let mut r = 0;
+        // Decode: four rows per pass; prefill: 2 rows × 4 tokens (8
+        // accumulators, 2 weight vectors).
+        let rt = if n == 1 { 4 } else { 2 };
+        while rows - r >= rt {
+            let (wr, or) = (&w[r * cols..(r + rt) * cols], &mut out[r * n..(r + rt) * n]);
+            if rt == 4 {
+                $tile::<4, 1>(wr, cols, x, or, n);
+            } else {
+                let mut t = 0;
+                while n - t >= 4 {
+                    $tile::<2, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                    t += 4;
+                }
+                while t < n {
+                    $tile::<2, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                    t += 1;
+                }
+            }
+            r += rt;
+        }
+        while r < rows {
+            let (wr, or) = (&w[r * cols..(r + 1) * cols], &mut out[r * n..(r + 1) * n]);
+            let mut t = 0;
+            while n - t >= 4 {
+                $tile::<1, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                t += 4;
+            }
+            while t < n {
+                $tile::<1, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                t += 1;
+            }
+            r += 1;
+        }
+    }};
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_f16(w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    float_matmul!(tile_f16, w, cols, x, n, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_f32(w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    float_matmul!(tile_f32, w, cols, x, n, out)
+}
+
+// ---------------------------------------------------------------- quantize
+
+/// One Q8_0 block, bit-identical to `quant::q8_0::quantize_block`: the same
+/// f32 operations in the same order (amax, d = amax / 127, id = 1 / d,
+/// x * id), then C `roundf` (half away from zero, which no AVX rounding mode
+/// does) and Rust's saturating `as i8` (NaN to 0, ±inf to the ends).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block_q8_0(x: &[f32; QK]) -> BlockQ8_0 {
+    let sign = _mm256_set1_ps(-0.0);
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (i, v) in v.iter_mut().enumerate() {
+        *v = load8(&x[i * 8..]);
+    }
+    // `max_ps` returns its second operand when either is NaN, so with the
+    // running maximum second a NaN input is skipped, as `f32::max` does.
+    let mut m = _mm256_setzero_ps();
+    for vi in v {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, vi), m);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let idv = _mm256_set1_ps(id);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, &v) in q.iter_mut().zip(&v) {
+        let s = _mm256_mul_ps(v, idv);
+        let t = _mm256_round_ps(s, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        // s - trunc(s) is exact, so the tie test is exact too.
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(s, t));
+        let up = _mm256_cmp_ps(frac, half, _CMP_GE_OQ);
+        let away = _mm256_or_ps(_mm256_and_ps(s, sign), one);
+        let r = _mm256_add_ps(t, _mm256_and_ps(up, away));
+        let r = _mm256_and_ps(r, _mm256_cmp_ps(s, s, _CMP_ORD_Q));
+        *q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    // The packs work within 128-bit lanes; the permute restores element order.
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut out = BlockQ8_0 {
+        d: _mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(d), _MM_FROUND_TO_NEAREST_INT), 0) as u16,
+        qs: [0; QK],
+    };
+    _mm256_storeu_si256(out.qs.as_mut_ptr().cast(), p);
+    out
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Four accumulators: attention rows are 64-128 long, and one FMA chain
+/// would wait on its own latency every step.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ar, br) = (a32.remainder(), b32.remainder());
+    for (a, b) in a32.zip(b32) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(load8(&a[k * 8..]), load8(&b[k * 8..]), *acc);
+        }
+    }
+    let (a8, b8) = (ar.chunks_exact(8), br.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        acc[0] = _mm256_fmadd_ps(load8(a), load8(b), acc[0]);
+    }
+    hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    )) + tail
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
+    let (ar, br) = (a32.remainder(), b32.remainder());
+    for (a, b) in a32.zip(b32) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(load8(&a[k * 8..]), load8_f16(&b[k * 8..]), *acc);
+        }
+    }
+    let (a8, b8) = (ar.chunks_exact(8), br.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y.to_f32())
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        acc[0] = _mm256_fmadd_ps(load8(a), load8_f16(b), acc[0]);
+    }
+    hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    )) + tail
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+    let av = _mm256_set1_ps(a);
+    let mut x8 = x.chunks_exact(8);
+    let mut y8 = y.chunks_exact_mut(8);
+    for (x, y) in (&mut x8).zip(&mut y8) {
+        let r = _mm256_fmadd_ps(av, load8(x), load8(y));
+        _mm256_storeu_ps(y.as_mut_ptr(), r);
+    }
+    for (y, x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
+        *y += a * x;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
+    let av = _mm256_set1_ps(a);
+    let mut x8 = x.chunks_exact(8);
+    let mut y8 = y.chunks_exact_mut(8);
+    for (x, y) in (&mut x8).zip(&mut y8) {
+        let r = _mm256_fmadd_ps(av, load8_f16(x), load8(y));
+        _mm256_storeu_ps(y.as_mut_ptr(), r);
+    }
+    for (y, x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
+        *y += a * x.to_f32();
+    }
+}

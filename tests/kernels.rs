@@ -1,0 +1,644 @@
+//! Property tests: every kernel of every implementation this CPU can run,
+//! against the scalar reference, on seeded random data. The same tests cover
+//! any future instruction set, since they iterate over `available()`.
+//!
+//! Quantized matrix products have an exact integer part per block, so they
+//! are compared with a tight relative bound (against the sum of the block
+//! terms' magnitudes, which is what float reordering can disturb);
+//! `quantize_q8_0` must be byte-identical.
+//!
+//! `bench_*` (ignored) are micro-benchmarks:
+//! `cargo test --release --test kernels -- --ignored --nocapture --test-threads 1`.
+
+use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, Weight};
+use crystald::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use half::f16;
+use std::ops::Range;
+
+/// SplitMix64: tiny, seeded, good enough to spread test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Values of mixed magnitude, as activations are.
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let s = [0.01, 1.0, 30.0][self.below(3) as usize];
+                self.unit() * s
+            })
+            .collect()
+    }
+
+    fn scale(&mut self) -> u16 {
+        f16::from_f32(0.001 + 0.05 * self.unit().abs()).to_bits()
+    }
+
+    fn q4_blocks(&mut self, n: usize) -> Vec<BlockQ4_0> {
+        (0..n)
+            .map(|_| BlockQ4_0 {
+                d: self.scale(),
+                qs: std::array::from_fn(|_| self.next_u64() as u8),
+            })
+            .collect()
+    }
+
+    /// Q8_0 blocks in -127..=127, the range `quantize_q8_0` produces.
+    fn q8_blocks(&mut self, n: usize) -> Vec<BlockQ8_0> {
+        (0..n)
+            .map(|_| BlockQ8_0 {
+                d: self.scale(),
+                qs: std::array::from_fn(|_| (self.below(255) as i32 - 127) as i8),
+            })
+            .collect()
+    }
+}
+
+fn kernels() -> Vec<&'static dyn Kernels> {
+    let k = available();
+    assert_eq!(
+        k.last().unwrap().name(),
+        "scalar",
+        "the scalar reference is always available, last"
+    );
+    k
+}
+
+/// Asserts `got` is within `rel * mag + abs` of `want`, element by element.
+fn assert_close(what: &str, got: &[f32], want: &[f32], mag: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for i in 0..got.len() {
+        let tol = rel * mag[i] + 1e-30;
+        assert!(
+            (got[i] - want[i]).abs() <= tol && got[i].is_finite(),
+            "{what}: element {i}: got {}, want {} (|diff| {:e} > tol {tol:e})",
+            got[i],
+            want[i],
+            (got[i] - want[i]).abs()
+        );
+    }
+}
+
+/// The shapes every matmul test covers: (cols, total rows, row range, tokens).
+fn matmul_cases(cols_list: &[usize]) -> Vec<(usize, usize, Range<usize>, usize)> {
+    let mut cases = Vec::new();
+    for &cols in cols_list {
+        // Keep the scalar reference affordable on wide rows.
+        let big = cols > 1000;
+        let token_counts: &[usize] = if big {
+            &[1, 3, 8, 64]
+        } else {
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64]
+        };
+        for &n in token_counts {
+            let (total, ranges): (usize, Vec<Range<usize>>) = if big {
+                (11, vec![0..11, 5..10])
+            } else {
+                (19, vec![0..19, 0..1, 3..8, 1..14, 18..19, 4..4])
+            };
+            for r in ranges {
+                cases.push((cols, total, r, n));
+            }
+        }
+    }
+    cases
+}
+
+/// Runs `matmul_rows` on every implementation and the reference, and
+/// compares. `mag(r, t)` is the sum of |terms| of row `r` · token `t`.
+fn check_matmul(
+    what: &str,
+    w: &Weight<'_>,
+    x: &Acts<'_>,
+    rows: Range<usize>,
+    rel: f32,
+    mag: impl Fn(usize, usize) -> f32,
+) {
+    let n = x.n_tokens(w.cols);
+    let len = rows.len() * n;
+    let mut want = vec![f32::NAN; len];
+    Scalar.matmul_rows(w, x, rows.clone(), &mut want);
+    let mags: Vec<f32> = rows
+        .clone()
+        .flat_map(|r| (0..n).map(move |t| (r, t)))
+        .map(|(r, t)| mag(r, t))
+        .collect();
+    for k in kernels() {
+        // A longer output than needed: the kernel must leave the rest alone.
+        let mut got = vec![f32::NAN; len + 3];
+        got[len..].fill(-7.0);
+        k.matmul_rows(w, x, rows.clone(), &mut got);
+        let ctx = format!(
+            "{} {what} cols {} rows {rows:?} of {} tokens {n}",
+            k.name(),
+            w.cols,
+            w.rows
+        );
+        assert_close(&ctx, &got[..len], &want, &mags, rel);
+        assert!(
+            got[len..].iter().all(|&v| v == -7.0),
+            "{ctx}: wrote past its rows"
+        );
+    }
+}
+
+const QUANT_REL: f32 = 1e-5;
+
+/// Σ|w_j·x_j| of one block pair: the scale of the rounding errors that
+/// summing the exact integer products in another order can introduce.
+fn q4_block_mag(w: &BlockQ4_0, x: &BlockQ8_0) -> f32 {
+    let q = |j: usize| if j < QK / 2 { w.qs[j] & 0x0F } else { w.qs[j - QK / 2] >> 4 } as i32 - 8;
+    let s: i32 = (0..QK).map(|j| (q(j) * x.qs[j] as i32).abs()).sum();
+    s as f32 * (w.scale() * x.scale())
+}
+
+fn q8_block_mag(w: &BlockQ8_0, x: &BlockQ8_0) -> f32 {
+    let s: i32 =
+        w.qs.iter()
+            .zip(&x.qs)
+            .map(|(&a, &b)| (a as i32 * b as i32).abs())
+            .sum();
+    s as f32 * (w.scale() * x.scale())
+}
+const FLOAT_REL: f32 = 1e-5;
+
+#[test]
+fn matmul_q4_0_matches_reference() {
+    let mut rng = Rng(1);
+    for (cols, total, rows, n) in matmul_cases(&[32, 64, 96, 160, 416, 4096, 10944]) {
+        let nb = cols / QK;
+        let wb = rng.q4_blocks(total * nb);
+        let xb = rng.q8_blocks(n * nb);
+        let w = Weight {
+            ty: GgmlType::Q4_0,
+            rows: total,
+            cols,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let mag = |r: usize, t: usize| -> f32 {
+            (0..nb)
+                .map(|b| q4_block_mag(&wb[r * nb + b], &xb[t * nb + b]))
+                .sum()
+        };
+        check_matmul("q4_0", &w, &Acts::Q8_0(&xb), rows, QUANT_REL, mag);
+    }
+}
+
+#[test]
+fn matmul_q8_0_matches_reference() {
+    let mut rng = Rng(2);
+    for (cols, total, rows, n) in matmul_cases(&[32, 64, 96, 160, 416, 4096, 10944]) {
+        let nb = cols / QK;
+        let wb = rng.q8_blocks(total * nb);
+        let xb = rng.q8_blocks(n * nb);
+        let w = Weight {
+            ty: GgmlType::Q8_0,
+            rows: total,
+            cols,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let mag = |r: usize, t: usize| -> f32 {
+            (0..nb)
+                .map(|b| q8_block_mag(&wb[r * nb + b], &xb[t * nb + b]))
+                .sum()
+        };
+        check_matmul("q8_0", &w, &Acts::Q8_0(&xb), rows, QUANT_REL, mag);
+    }
+}
+
+/// Plain float rows may have any length, so the column tails matter too.
+const FLOAT_COLS: [usize; 12] = [1, 7, 8, 13, 32, 64, 96, 127, 160, 416, 4096, 10944];
+
+#[test]
+fn matmul_f16_matches_reference() {
+    let mut rng = Rng(3);
+    for (cols, total, rows, n) in matmul_cases(&FLOAT_COLS) {
+        let wv: Vec<f16> = rng
+            .vec(total * cols)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let x = rng.vec(n * cols);
+        let w = Weight {
+            ty: GgmlType::F16,
+            rows: total,
+            cols,
+            data: bytemuck::cast_slice(&wv),
+        };
+        let mag = |r: usize, t: usize| -> f32 {
+            (0..cols)
+                .map(|c| (wv[r * cols + c].to_f32() * x[t * cols + c]).abs())
+                .sum()
+        };
+        check_matmul("f16", &w, &Acts::F32(&x), rows, FLOAT_REL, mag);
+    }
+}
+
+#[test]
+fn matmul_f32_matches_reference() {
+    let mut rng = Rng(4);
+    for (cols, total, rows, n) in matmul_cases(&FLOAT_COLS) {
+        let wv = rng.vec(total * cols);
+        let x = rng.vec(n * cols);
+        let w = Weight {
+            ty: GgmlType::F32,
+            rows: total,
+            cols,
+            data: bytemuck::cast_slice(&wv),
+        };
+        let mag = |r: usize, t: usize| -> f32 {
+            (0..cols)
+                .map(|c| (wv[r * cols + c] * x[t * cols + c]).abs())
+                .sum()
+        };
+        check_matmul("f32", &w, &Acts::F32(&x), rows, FLOAT_REL, mag);
+    }
+}
+
+#[test]
+fn matmul_rejects_mismatched_activation_format() {
+    for k in kernels() {
+        let wb = [BlockQ4_0 {
+            d: 0,
+            qs: [0; QK / 2],
+        }];
+        let w = Weight {
+            ty: GgmlType::Q4_0,
+            rows: 1,
+            cols: QK,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let x = [0.0f32; QK];
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            k.matmul_rows(&w, &Acts::F32(&x), 0..1, &mut [0.0])
+        }));
+        assert!(
+            r.is_err(),
+            "{}: Q4_0 weights with f32 activations must panic",
+            k.name()
+        );
+    }
+}
+
+/// Quantizes `x` with every implementation and demands the reference's bytes.
+fn check_quantize(what: &str, x: &[f32]) {
+    let nb = x.len() / QK;
+    let mut want = vec![
+        BlockQ8_0 {
+            d: 0xFFFF,
+            qs: [99; QK]
+        };
+        nb
+    ];
+    Scalar.quantize_q8_0(x, &mut want);
+    for k in kernels() {
+        let mut got = vec![
+            BlockQ8_0 {
+                d: 0xFFFF,
+                qs: [99; QK]
+            };
+            nb
+        ];
+        k.quantize_q8_0(x, &mut got);
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{} quantize_q8_0 {what}: block {b} of {nb}, input {:?}",
+                k.name(),
+                &x[b * QK..(b + 1) * QK]
+            );
+        }
+    }
+}
+
+#[test]
+fn quantize_q8_0_is_bit_exact_on_random_rows() {
+    let mut rng = Rng(5);
+    for n in [32, 64, 96, 160, 4096, 10944] {
+        for _ in 0..4 {
+            check_quantize(&format!("random {n}"), &rng.vec(n));
+        }
+    }
+    // Magnitudes from subnormal to huge: the scale's f16 rounding, its
+    // underflow to zero and overflow to infinity.
+    for e in [-140, -126, -100, -30, -10, 0, 10, 60, 100, 125, 127] {
+        let s = 2f32.powi(e);
+        let x: Vec<f32> = rng.vec(256).into_iter().map(|v| v * s).collect();
+        check_quantize(&format!("scale 2^{e}"), &x);
+    }
+}
+
+#[test]
+fn quantize_q8_0_is_bit_exact_on_ties_and_edge_blocks() {
+    let mut rng = Rng(6);
+    let mut x = Vec::new();
+    // amax 127 → d = 1 and id = 1, amax 63.5 → d = 0.5 and id = 2: both
+    // exact, so x·id lands exactly on .5 where roundf (away from zero) and
+    // round-to-even disagree (0.5, 2.5, -2.5, ...).
+    for (amax, step) in [(127.0f32, 1.0f32), (63.5, 0.5)] {
+        let mut b = [0.0f32; QK];
+        b[0] = amax;
+        for (j, v) in b.iter_mut().enumerate().skip(1) {
+            let k = j as f32 - 16.0; // -15..=15
+            *v = (k + 0.5) * step;
+        }
+        x.extend_from_slice(&b);
+        x.extend(b.iter().map(|v| -v));
+    }
+    // Random ties: every value a half-integer below amax = 127.
+    for _ in 0..8 {
+        x.push(if rng.below(2) == 0 { 127.0 } else { -127.0 });
+        for _ in 1..QK {
+            x.push(rng.below(254) as f32 - 126.5);
+        }
+    }
+    x.extend([0.0; QK]);
+    x.extend([-0.0; QK]);
+    x.extend([3.0; QK]);
+    x.extend([-1e-3; QK]);
+    x.extend([f32::MIN_POSITIVE / 8.0; QK]);
+    // One outlier among tiny values; values that round to zero.
+    let mut b = [1e-6f32; QK];
+    b[31] = -1000.0;
+    x.extend_from_slice(&b);
+    check_quantize("ties and edge blocks", &x);
+}
+
+#[test]
+fn quantize_q8_0_matches_on_non_finite_input() {
+    // Not expected from a healthy model, but both implementations must
+    // agree, so a NaN never turns into a kernel-dependent result.
+    let mut x: Vec<f32> = (0..4 * QK).map(|i| (i as f32 - 60.0) * 0.37).collect();
+    x[3] = f32::NAN;
+    x[QK + 5] = f32::INFINITY;
+    x[2 * QK + 7] = f32::NEG_INFINITY;
+    x[3 * QK..].fill(f32::NAN);
+    check_quantize("non-finite", &x);
+}
+
+#[test]
+fn quantize_q8_0_fills_only_whole_blocks() {
+    let x: Vec<f32> = (0..3 * QK + 5).map(|i| i as f32).collect();
+    for k in kernels() {
+        let mut y = vec![
+            BlockQ8_0 {
+                d: 0xABCD,
+                qs: [7; QK]
+            };
+            5
+        ];
+        k.quantize_q8_0(&x, &mut y);
+        let mut want = vec![
+            BlockQ8_0 {
+                d: 0xABCD,
+                qs: [7; QK]
+            };
+            5
+        ];
+        Scalar.quantize_q8_0(&x, &mut want);
+        assert_eq!(y, want, "{}", k.name());
+    }
+}
+
+const VEC_LENS: [usize; 16] = [
+    0, 1, 2, 7, 8, 9, 13, 31, 32, 33, 64, 80, 127, 128, 1000, 4096,
+];
+
+#[test]
+fn dot_f32_matches_reference() {
+    let mut rng = Rng(7);
+    for n in VEC_LENS {
+        let (a, b) = (rng.vec(n), rng.vec(n));
+        let want = Scalar.dot_f32(&a, &b);
+        let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        for k in kernels() {
+            assert_close(
+                &format!("{} dot_f32 len {n}", k.name()),
+                &[k.dot_f32(&a, &b)],
+                &[want],
+                &[mag],
+                FLOAT_REL,
+            );
+        }
+    }
+}
+
+#[test]
+fn dot_f16_matches_reference() {
+    let mut rng = Rng(8);
+    for n in VEC_LENS {
+        let a = rng.vec(n);
+        let b: Vec<f16> = rng.vec(n).into_iter().map(f16::from_f32).collect();
+        let want = Scalar.dot_f16(&a, &b);
+        let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y.to_f32()).abs()).sum();
+        for k in kernels() {
+            assert_close(
+                &format!("{} dot_f16 len {n}", k.name()),
+                &[k.dot_f16(&a, &b)],
+                &[want],
+                &[mag],
+                FLOAT_REL,
+            );
+        }
+    }
+}
+
+#[test]
+fn dots_use_the_shorter_length() {
+    let mut rng = Rng(9);
+    let (a, b) = (rng.vec(77), rng.vec(45));
+    let bh: Vec<f16> = b.iter().copied().map(f16::from_f32).collect();
+    let mag: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+    for k in kernels() {
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            assert_close(
+                "dot_f32 uneven",
+                &[k.dot_f32(x, y)],
+                &[Scalar.dot_f32(x, y)],
+                &[mag],
+                FLOAT_REL,
+            );
+        }
+        assert_close(
+            "dot_f16 uneven",
+            &[k.dot_f16(&a, &bh)],
+            &[Scalar.dot_f16(&a, &bh)],
+            &[mag * 2.0],
+            FLOAT_REL,
+        );
+    }
+}
+
+/// `y + a·x` differs from the reference only by one rounding (fused or
+/// not), so each element is compared against |y| + |a·x|.
+fn axpy_mag(a: f32, x: impl Iterator<Item = f32>, y: &[f32]) -> Vec<f32> {
+    x.zip(y).map(|(x, y)| y.abs() + (a * x).abs()).collect()
+}
+
+#[test]
+fn axpy_f32_matches_reference() {
+    let mut rng = Rng(10);
+    for n in VEC_LENS {
+        let (x, y0, a) = (rng.vec(n), rng.vec(n + 3), rng.unit() * 3.0);
+        let mut want = y0.clone();
+        Scalar.axpy_f32(a, &x, &mut want);
+        let mut mag = axpy_mag(a, x.iter().copied(), &y0);
+        mag.extend([0.0; 3]); // past x's end y must be untouched
+        for k in kernels() {
+            let mut got = y0.clone();
+            k.axpy_f32(a, &x, &mut got);
+            assert_close(
+                &format!("{} axpy_f32 len {n}", k.name()),
+                &got,
+                &want,
+                &mag,
+                2.0 * f32::EPSILON,
+            );
+        }
+    }
+}
+
+#[test]
+fn axpy_f16_matches_reference() {
+    let mut rng = Rng(11);
+    for n in VEC_LENS {
+        let x: Vec<f16> = rng.vec(n + 2).into_iter().map(f16::from_f32).collect();
+        let (y0, a) = (rng.vec(n), rng.unit() * 3.0);
+        let mut want = y0.clone();
+        Scalar.axpy_f16(a, &x, &mut want);
+        let mag = axpy_mag(a, x.iter().map(|v| v.to_f32()), &y0);
+        for k in kernels() {
+            let mut got = y0.clone();
+            k.axpy_f16(a, &x, &mut got);
+            assert_close(
+                &format!("{} axpy_f16 len {n}", k.name()),
+                &got,
+                &want,
+                &mag,
+                2.0 * f32::EPSILON,
+            );
+        }
+    }
+}
+
+#[test]
+fn every_available_implementation_can_be_selected_by_name() {
+    for k in kernels() {
+        assert_eq!(select(Some(k.name())).unwrap().name(), k.name());
+    }
+    assert_eq!(select(None).unwrap().name(), kernels()[0].name());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        assert_eq!(
+            select(None).unwrap().name(),
+            "avx2",
+            "AVX2 CPUs get the AVX2 kernels by default"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- benchmarks
+
+/// Best time of `reps` runs of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Decode: a 4096 × 10944 Q4_0 matrix (the 7B MLP down/up shape) times one
+/// token, one thread. "hot": one matrix (25 MB, cache-resident on large-L3
+/// servers); "DRAM": 32 copies cycled (800 MB), so weights come from memory
+/// as in real decoding.
+#[test]
+#[ignore]
+fn bench_q4_0_decode() {
+    let (rows, cols) = (4096, 10944);
+    let nb = cols / QK;
+    let mut rng = Rng(12);
+    let copies = 32;
+    let mats: Vec<Vec<BlockQ4_0>> = (0..copies).map(|_| rng.q4_blocks(rows * nb)).collect();
+    let x = rng.q8_blocks(nb);
+    let bytes = (rows * nb * std::mem::size_of::<BlockQ4_0>()) as f64;
+    let mut out = vec![0.0f32; rows];
+    for k in kernels() {
+        let w = |i: usize| Weight {
+            ty: GgmlType::Q4_0,
+            rows,
+            cols,
+            data: bytemuck::cast_slice(&mats[i]),
+        };
+        let hot = best_of(5, || {
+            k.matmul_rows(&w(0), &Acts::Q8_0(&x), 0..rows, &mut out)
+        });
+        let reps = if k.name() == "scalar" { 1 } else { 3 };
+        let cold = best_of(reps, || {
+            for i in 0..copies {
+                k.matmul_rows(&w(i), &Acts::Q8_0(&x), 0..rows, &mut out);
+            }
+        });
+        println!(
+            "q4_0 decode {rows}x{cols} {:>6}: hot {:6.2} GB/s ({:.2} ms), DRAM {:6.2} GB/s",
+            k.name(),
+            bytes / hot / 1e9,
+            hot * 1e3,
+            bytes * copies as f64 / cold / 1e9
+        );
+    }
+}
+
+/// Prefill: the same matrix times 64 tokens, one thread. Reported as weight
+/// GB/s (each weight read once per 64 tokens) and block products per second.
+#[test]
+#[ignore]
+fn bench_q4_0_prefill() {
+    let (cols, n) = (10944, 64);
+    let nb = cols / QK;
+    let mut rng = Rng(13);
+    let x = rng.q8_blocks(n * nb);
+    for k in kernels() {
+        // The scalar path is slow: fewer rows keep the run short.
+        let rows = if k.name() == "scalar" { 256 } else { 4096 };
+        let wb = rng.q4_blocks(rows * nb);
+        let w = Weight {
+            ty: GgmlType::Q4_0,
+            rows,
+            cols,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let mut out = vec![0.0f32; rows * n];
+        let t = best_of(3, || k.matmul_rows(&w, &Acts::Q8_0(&x), 0..rows, &mut out));
+        let bytes = (rows * nb * std::mem::size_of::<BlockQ4_0>()) as f64;
+        println!(
+            "q4_0 prefill {rows}x{cols} x {n} tokens {:>6}: {:6.3} GB/s of weights, {:6.2} G block-dots/s, {:.1} ms",
+            k.name(),
+            bytes / t / 1e9,
+            (rows * nb * n) as f64 / t / 1e9,
+            t * 1e3
+        );
+    }
+}
