@@ -7,7 +7,7 @@
 //! the cache. The worker never blocks on a client: it hands events to an
 //! [`EventSink`], which must return at once.
 
-use super::logging::{log_error, log_info};
+use super::logging::{log_debug, log_error, log_info};
 use super::protocol::{
     ApiError, Done, ErrorCode, Event, Health, Limits, Logprobs, Request, Timings, Usage,
 };
@@ -234,6 +234,7 @@ impl Scheduler {
                 .and_then(|i| st.queue.remove(i))
         };
         if let Some(mut j) = removed {
+            log_debug!("request cancelled while queued");
             let done = cancelled_before_start(&j);
             j.sink.send(done);
         }
