@@ -12,4 +12,10 @@ fi
 if ! .venv/bin/python -c 'import gguf, numpy, safetensors' 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors
 fi
+# systemd-analyze and systemd-socket-activate: tests/systemd_units.rs checks
+# the units in systemd/ with them.
+if ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activate >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+fi
 echo "setup: ok ($(.venv/bin/python -c 'import gguf, importlib.metadata as m; print("gguf", m.version("gguf"))'))"

@@ -199,7 +199,7 @@ impl Client {
     fn ask(&mut self, req: Value) -> Value {
         let id = req["id"].clone();
         self.send(&req);
-        self.finish(&[id.clone()])
+        self.finish(std::slice::from_ref(&id))
             .remove(&id.to_string())
             .unwrap()
             .1

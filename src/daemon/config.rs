@@ -2,21 +2,22 @@
 //! `systemd/crystald.toml`), then command-line flags on top.
 
 use super::logging::Level;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/crystald/crystald.toml";
 pub const DEFAULT_SOCKET: &str = "/run/crystald/crystald.sock";
 
 /// A user or group, by name or by numeric id.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged, expecting = "a name or a numeric id")]
 pub enum Principal {
     Id(u32),
     Name(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// Serialisable so tests can list every key the example file must document.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The GGUF model file.

@@ -44,7 +44,7 @@ fn send_notify(path: &Path, state: &str) -> io::Result<()> {
 /// dead worker lets systemd restart a daemon that can no longer answer.
 pub fn start_watchdog(healthy: impl Fn() -> bool + Send + 'static) -> Option<Arc<AtomicBool>> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok() {
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok() != Some(std::process::id()) {
             return None;
         }
