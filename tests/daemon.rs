@@ -284,7 +284,8 @@ fn streaming_plain_health_and_logprobs() {
     assert_eq!(h["model"], "tiny-a");
     assert_eq!(h["queue_depth"], 0);
     assert!(h["requests_total"].as_u64().unwrap() >= 3);
-    assert!(h["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(h["tokens_per_s"].as_f64().unwrap() > 0.0, "{h}");
+    assert!(h["avg_tokens_per_s"].as_f64().unwrap() > 0.0, "{h}");
     assert!(h["uptime_s"].as_f64().unwrap() > 0.0);
     // Prompts are not logged at the default level, nor at debug.
     assert!(!d.log().contains("Hello there"));
@@ -377,8 +378,9 @@ fn a_client_that_disconnects_cancels_its_requests() {
     c.send(&long("gone"));
     assert_eq!(c.recv()["event"], "token");
     drop(c);
-    let log = d.wait_log("finish cancelled");
-    assert!(log.contains("hung up"), "{log}");
+    // Noticed by the reader or by the worker's next write, in either order.
+    d.wait_log("hung up");
+    d.wait_log("finish cancelled");
     // A client that half-closes (done sending) still gets its reply.
     let s = UnixStream::connect(&d.socket).unwrap();
     let mut c = Client::new(s);
@@ -571,16 +573,18 @@ fn a_client_that_never_reads_is_cut_off_without_stalling_others() {
     d.wait_log("finish cancelled");
     let mut other = d.client();
     reader_rejects_then_serves(&mut other);
-    // The lazy client finds its connection closed after what was buffered.
-    let mut n = 0;
+    // The lazy client finds its connection closed: end of stream, or a
+    // reset since the daemon left part of the flood unread.
     let mut sink = [0u8; 65536];
-    while let Ok(k) = lazy.reader.read(&mut sink) {
-        if k == 0 {
-            break;
+    loop {
+        match lazy.reader.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection was not closed: {e}"),
         }
-        n += k;
     }
-    assert!(n > 0 && log.contains("disconnecting"), "{log}");
+    assert!(log.contains("disconnecting"), "{log}");
 }
 
 #[test]

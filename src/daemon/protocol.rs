@@ -523,6 +523,99 @@ mod tests {
         assert_eq!((e.id, e.error.code), (None, ErrorCode::InvalidRequest));
     }
 
+    fn tokenizer() -> Tokenizer {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/crystalchat/tokenizer.json"
+        );
+        let json = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let special = crate::tokenizer::SpecialTokens {
+            bos: 1,
+            eos: 2,
+            im_start: 32018,
+            im_end: 32019,
+            sys_start: 32020,
+            sys_end: 32021,
+        };
+        Tokenizer::from_json(&json, special).unwrap()
+    }
+
+    fn request(extra: serde_json::Value) -> Request {
+        let mut v = serde_json::json!({"id": 1});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        Request::deserialize(&v).unwrap()
+    }
+
+    #[test]
+    fn prepare_checks_values_and_fills_defaults() {
+        let tok = tokenizer();
+        let limits = Limits {
+            n_ctx: 64,
+            default_max_tokens: 512,
+        };
+        let prep = |extra| request(extra).prepare(&tok, &limits, || 99);
+        let err = |extra| prep(extra).unwrap_err();
+
+        let p = prep(serde_json::json!({"prompt": "Hello", "stop": ["a", "b"]})).unwrap();
+        assert_eq!(p.prompt[0], 1, "raw prompts start with <s>");
+        assert_eq!(
+            p.params.max_tokens, 64,
+            "the default is capped at the context"
+        );
+        assert_eq!(p.params.sampling.seed, 99, "no seed: a random one");
+        assert_eq!(p.params.stop, ["a", "b"]);
+        let p = prep(
+            serde_json::json!({"messages": [{"role": "user", "content": "Hi"}],
+            "seed": 5, "max_tokens": 3, "temperature": 0.0}),
+        )
+        .unwrap();
+        assert_eq!((p.params.sampling.seed, p.params.max_tokens), (5, 3));
+        assert_eq!(p.params.sampling.temperature, 0.0);
+
+        for (extra, needle) in [
+            (serde_json::json!({}), "needs"),
+            (
+                serde_json::json!({"prompt": "a", "messages": []}),
+                "not both",
+            ),
+            (serde_json::json!({"messages": []}), "empty"),
+            (
+                serde_json::json!({"prompt": "a", "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "max_tokens": 65}),
+                "max_tokens",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "logprobs": 21}),
+                "logprobs",
+            ),
+            (
+                serde_json::json!({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}),
+                "stop",
+            ),
+            (serde_json::json!({"prompt": "a", "top_p": 0.0}), "top_p"),
+            (
+                serde_json::json!({"prompt": "a", "timeout_ms": 0}),
+                "timeout_ms",
+            ),
+            (
+                serde_json::json!({"messages": [{"role": "user", "content": "a"},
+                {"role": "user", "content": "b"}]}),
+                "",
+            ),
+        ] {
+            let e = err(extra.clone());
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{extra}");
+            assert!(e.message.contains(needle), "{extra}: {}", e.message);
+        }
+        let e = err(serde_json::json!({"prompt": "word ".repeat(100)}));
+        assert_eq!(e.code, ErrorCode::ContextLengthExceeded);
+    }
+
     #[test]
     fn reply_lines_are_one_json_object_per_line() {
         let line = reply_line(

@@ -45,6 +45,16 @@ struct Job {
     deadline: Option<Instant>,
     cancel: Arc<AtomicBool>,
     sink: Box<dyn EventSink>,
+    /// Whether the final event was sent.
+    answered: bool,
+}
+
+impl Job {
+    fn finish(&mut self, event: Event) {
+        debug_assert!(event.is_final());
+        self.answered = true;
+        self.sink.send(event);
+    }
 }
 
 struct State {
@@ -59,6 +69,8 @@ struct State {
 struct Stats {
     requests_total: u64,
     completion_tokens_total: u64,
+    /// Tokens from decode steps (the first of each reply comes from prefill).
+    decoded_tokens_total: u64,
     decode_secs_total: f64,
     last_tokens_per_s: f64,
 }
@@ -102,7 +114,7 @@ impl Shared {
             gone
         };
         for mut job in expired {
-            job.sink.send(Event::error(
+            job.finish(Event::error(
                 ErrorCode::DeadlineExceeded,
                 "timeout_ms passed while the request was queued",
             ));
@@ -154,7 +166,6 @@ impl Scheduler {
             started: Instant::now(),
             worker_alive: AtomicBool::new(true),
         });
-        let session = Session::new(&model, n_ctx, cfg.kv_type);
         let for_worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("crystald-worker".into())
@@ -169,7 +180,7 @@ impl Scheduler {
                     }
                 }
                 let alive = Alive(for_worker);
-                work(&alive.0, &model, session);
+                work(&alive.0, &model, cfg.kv_type);
             })
             .expect("cannot start the inference worker thread");
         Worker {
@@ -189,6 +200,12 @@ impl Scheduler {
         let arrived = Instant::now();
         let p = req.prepare(&self.shared.tok, &self.shared.limits, random_seed)?;
         let cancel = Arc::new(AtomicBool::new(false));
+        if !self.is_alive() {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                "the inference worker has stopped",
+            ));
+        }
         let mut st = self.shared.lock();
         if !st.accepting {
             return Err(ApiError::new(
@@ -216,6 +233,7 @@ impl Scheduler {
             deadline: p.timeout.map(|t| arrived + t),
             cancel: cancel.clone(),
             sink,
+            answered: false,
         });
         drop(st);
         self.shared.changed.notify_all();
@@ -236,7 +254,7 @@ impl Scheduler {
         if let Some(mut j) = removed {
             log_debug!("request cancelled while queued");
             let done = cancelled_before_start(&j);
-            j.sink.send(done);
+            j.finish(done);
         }
     }
 
@@ -258,8 +276,7 @@ impl Scheduler {
             requests_total: stats.requests_total,
             completion_tokens_total: stats.completion_tokens_total,
             tokens_per_s: stats.last_tokens_per_s,
-            avg_tokens_per_s: stats.completion_tokens_total as f64
-                / stats.decode_secs_total.max(1e-9),
+            avg_tokens_per_s: stats.decoded_tokens_total as f64 / stats.decode_secs_total.max(1e-9),
         }
     }
 
@@ -288,7 +305,7 @@ impl Worker {
         };
         shared.changed.notify_all();
         for mut job in queued {
-            job.sink.send(Event::error(
+            job.finish(Event::error(
                 ErrorCode::ShuttingDown,
                 "the daemon is shutting down",
             ));
@@ -357,7 +374,8 @@ fn cancelled_before_start(job: &Job) -> Event {
 }
 
 /// The worker loop: takes jobs until shutdown empties the queue.
-fn work(shared: &Shared, model: &Model, mut session: Session) {
+fn work(shared: &Shared, model: &Model, kv_type: KvType) {
+    let mut session = Session::new(model, shared.limits.n_ctx, kv_type);
     loop {
         let job = {
             let mut st = shared.lock();
@@ -372,22 +390,37 @@ fn work(shared: &Shared, model: &Model, mut session: Session) {
                 st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        run(shared, model, &mut session, job);
+        // A bug in one request must not end the service: the client gets
+        // an error and the session, whose state is unknown, starts afresh.
+        let mut job = job;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(shared, model, &mut session, &mut job)
+        }));
+        if outcome.is_err() {
+            log_error!("a request panicked; the KV cache is reset");
+            session = Session::new(model, shared.limits.n_ctx, kv_type);
+            if !job.answered {
+                job.finish(Event::error(
+                    ErrorCode::Internal,
+                    "the request failed inside the daemon",
+                ));
+            }
+        }
         shared.lock().running = None;
         shared.changed.notify_all();
         shared.expire_queued();
     }
 }
 
-fn run(shared: &Shared, model: &Model, session: &mut Session, mut job: Job) {
+fn run(shared: &Shared, model: &Model, session: &mut Session, job: &mut Job) {
     if job.cancel.load(Ordering::SeqCst) {
-        let done = cancelled_before_start(&job);
-        job.sink.send(done);
+        let done = cancelled_before_start(job);
+        job.finish(done);
         return;
     }
     let started = Instant::now();
     if job.deadline.is_some_and(|d| d <= started) {
-        job.sink.send(Event::error(
+        job.finish(Event::error(
             ErrorCode::DeadlineExceeded,
             "timeout_ms passed while the request was queued",
         ));
@@ -430,7 +463,12 @@ fn run(shared: &Shared, model: &Model, session: &mut Session, mut job: Job) {
             stats.requests_total += 1;
             stats.completion_tokens_total += g.completion_tokens() as u64;
             stats.decode_secs_total += g.decode_time.as_secs_f64();
-            stats.last_tokens_per_s = g.decode_tokens_per_s();
+            let decoded = g.completion_tokens().saturating_sub(1) as u64;
+            stats.decoded_tokens_total += decoded;
+            // A one-token reply has no decode speed; keep the last known one.
+            if decoded > 0 {
+                stats.last_tokens_per_s = g.decode_tokens_per_s();
+            }
             drop(stats);
             // Sizes and speeds only: prompts and replies stay out of the journal.
             log_info!(
@@ -470,5 +508,5 @@ fn run(shared: &Shared, model: &Model, session: &mut Session, mut job: Job) {
             Event::error(ErrorCode::Internal, e.to_string())
         }
     };
-    job.sink.send(event);
+    job.finish(event);
 }
