@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Which storage type each kind of tensor gets.
@@ -90,14 +91,34 @@ impl Summary {
     }
 }
 
+/// The temporary output being written, for the interrupt handler: Drop
+/// does not run when the process is stopped by a signal.
+static IN_PROGRESS: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes the temporary output of a conversion in progress (called on
+/// SIGINT/SIGTERM before exiting).
+pub fn remove_partial_output() {
+    if let Some(p) = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Removes the temporary output unless the conversion completed.
 struct TempOutput {
     path: PathBuf,
     keep: bool,
 }
 
+impl TempOutput {
+    fn new(path: PathBuf) -> TempOutput {
+        *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        TempOutput { path, keep: false }
+    }
+}
+
 impl Drop for TempOutput {
     fn drop(&mut self) {
+        IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take();
         if !self.keep {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -168,10 +189,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
     metadata.extend(special.to_metadata());
 
-    let tmp = TempOutput {
-        path: temp_path_for(&opts.output),
-        keep: false,
-    };
+    let tmp = TempOutput::new(temp_path_for(&opts.output));
     let file =
         File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", opts.output.display());
