@@ -251,3 +251,34 @@ fn bad_inputs_are_clear_errors() {
         "UTF-8",
     );
 }
+
+#[test]
+fn stop_strings_end_the_reply_and_are_not_printed() {
+    let m = converted("tiny-b", "q8_0");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            s("generate"),
+            s("-m"),
+            m.as_os_str(),
+            s("--raw"),
+            s("-p"),
+            s("Once upon a time"),
+            s("--max-tokens"),
+            s("40"),
+            s("--seed"),
+            s("5"),
+        ];
+        args.extend(extra.iter().map(|a| s(a)));
+        stdout(&crystald(&args))
+    };
+    let full = run(&[]);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(
+        chars.len() > 12,
+        "too little text to pick a stop string from: {full:?}"
+    );
+    let stop: String = chars[8..11].iter().collect();
+    let cut = run(&["--stop", &stop]);
+    let expected = &full[..full.find(&stop).unwrap()];
+    assert_eq!(cut.trim_end_matches('\n'), expected, "stop string {stop:?}");
+}
