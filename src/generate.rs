@@ -179,6 +179,7 @@ pub fn generate(
         prefill_time,
         decode_time: Duration::ZERO,
     };
+    let mut stopped_by_string = false;
     let decode_start = Instant::now();
     let mut emit = |text: &str, out: &mut Generation| -> Flow {
         if text.is_empty() {
@@ -191,6 +192,11 @@ pub fn generate(
         if out.tokens.len() >= params.max_tokens {
             out.finish = FinishReason::Length;
             break;
+        }
+        // The model's vocabulary is padded past the tokenizer's (32032 vs
+        // 32022): those rows were never trained and have no text.
+        if let Some(pad) = logits.get_mut(tok.vocab_size()..) {
+            pad.fill(f32::NEG_INFINITY);
         }
         let lp = (params.logprobs > 0).then(|| {
             (
@@ -212,9 +218,10 @@ pub fn generate(
         }
         out.tokens.push(id);
         recent.push(id);
+        // Ids past the tokenizer are masked below, so every id here has text.
         let piece = decoder
             .push(id)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
+            .expect("sampled ids are in the tokenizer's vocabulary");
         let (safe, stopped) = matcher.push(&piece);
         if emit(&safe, &mut out) == Flow::Cancel {
             out.finish = FinishReason::Cancelled;
@@ -222,6 +229,7 @@ pub fn generate(
         }
         if stopped {
             out.finish = FinishReason::Stop;
+            stopped_by_string = true;
             break;
         }
         if out.tokens.len() >= params.max_tokens {
@@ -235,17 +243,17 @@ pub fn generate(
         logits.clear();
         logits.extend_from_slice(session.forward(model, &[id], Logits::Last)?);
     }
-    if out.finish != FinishReason::Stop || matcher.pending.is_empty() {
-        let tail = decoder.finish();
-        let (safe, stopped) = matcher.push(&tail);
+    // Text held back (an incomplete character, a possible stop-string
+    // prefix) belongs to the reply unless it was cut by a stop string or the
+    // caller went away.
+    if out.finish != FinishReason::Cancelled && !stopped_by_string {
+        let (safe, stopped) = matcher.push(&decoder.finish());
         let rest = if stopped {
             safe
         } else {
             safe + &matcher.flush()
         };
-        if out.finish != FinishReason::Cancelled {
-            let _ = emit(&rest, &mut out);
-        }
+        let _ = emit(&rest, &mut out);
     }
     out.decode_time = decode_start.elapsed();
     Ok(out)

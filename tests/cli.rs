@@ -50,6 +50,28 @@ fn generate_streams_text_and_prints_stats() {
 }
 
 #[test]
+fn a_full_context_ends_the_reply_cleanly() {
+    let m = converted("tiny-a", "q4_0");
+    let o = crystald(&[
+        s("generate"),
+        s("-m"),
+        m.as_os_str(),
+        s("-p"),
+        s("def fibonacci(n):"),
+        s("--raw"),
+        s("--ctx"),
+        s("40"),
+        s("--max-tokens"),
+        s("500"),
+        s("--temperature"),
+        s("0"),
+    ]);
+    stdout(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("finish: context"), "{err}");
+}
+
+#[test]
 fn same_seed_same_bytes_different_seed_differs() {
     let m = converted("tiny-b", "q8_0");
     let run = |seed: &str| {
@@ -173,94 +195,90 @@ fn expect_error(args: &[&std::ffi::OsStr], must_mention: &str) {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let m = converted("tiny-a", "q4_0");
-    let mo = m.as_os_str();
-    expect_error(
-        &[s("eval"), s("-m"), mo, s("--tokens"), s("1,32032")],
-        "32032",
-    );
-    expect_error(
-        &[s("eval"), s("-m"), mo, s("--tokens"), s("1,abc")],
-        "'abc' is not a token id",
-    );
-    expect_error(
-        &[s("eval"), s("-m"), mo, s("--tokens"), s("")],
-        "--tokens is empty",
-    );
-    let long: Vec<String> = (0..600).map(|_| "100".to_string()).collect();
-    expect_error(
-        &[s("eval"), s("-m"), mo, s("--tokens"), s(&long.join(","))],
-        "context",
-    );
+    let model = m.to_str().unwrap();
+    let long_ids = vec!["100"; 600].join(",");
     let long_text = "word ".repeat(800);
-    expect_error(
-        &[
-            s("generate"),
-            s("-m"),
-            mo,
-            s("-p"),
-            s(&long_text),
-            s("--ctx"),
-            s("64"),
-        ],
-        "context",
-    );
-    expect_error(
-        &[
-            s("generate"),
-            s("-m"),
-            mo,
-            s("-p"),
-            s("hi"),
-            s("--max-tokens"),
-            s("0"),
-        ],
-        "max-tokens",
-    );
-    expect_error(
-        &[
-            s("generate"),
-            s("-m"),
-            mo,
-            s("-p"),
-            s("hi"),
-            s("--temperature=-1"),
-        ],
-        "temperature",
-    );
-    let invalid = std::ffi::OsStr::from_bytes(b"caf\xe9");
-    expect_error(&[s("generate"), s("-m"), mo, s("-p"), invalid], "UTF-8");
-    expect_error(
-        &[
-            s("generate"),
-            s("-m"),
-            s("/nonexistent.gguf"),
-            s("-p"),
-            s("hi"),
-        ],
-        "/nonexistent.gguf",
-    );
-    expect_error(
-        &[
-            s("generate"),
-            s("-m"),
-            mo,
-            s("-p"),
-            s("hi"),
-            s("--kernels"),
-            s("sse9"),
-        ],
-        "sse9",
-    );
     let dir = temp_dir();
-    let f = dir.path().join("bad.json");
-    std::fs::write(&f, r#"[{"role": "robot", "content": "x"}]"#).unwrap();
+    let robot = dir.path().join("robot.json");
+    std::fs::write(&robot, r#"[{"role": "robot", "content": "x"}]"#).unwrap();
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "[]").unwrap();
+    let (robot, empty) = (robot.to_str().unwrap(), empty.to_str().unwrap());
+    let cases: &[(&[&str], &str)] = &[
+        (&["eval", "-m", model, "--tokens", "1,32032"], "32032"),
+        (
+            &["eval", "-m", model, "--tokens", "1,abc"],
+            "'abc' is not a token id",
+        ),
+        (&["eval", "-m", model, "--tokens", ""], "--tokens is empty"),
+        (&["eval", "-m", model, "--tokens", &long_ids], "context"),
+        (
+            &["generate", "-m", model, "-p", &long_text, "--ctx", "64"],
+            "context",
+        ),
+        (
+            &["generate", "-m", model, "-p", "hi", "--max-tokens", "0"],
+            "max-tokens",
+        ),
+        (
+            &["generate", "-m", model, "-p", "hi", "--temperature=-1"],
+            "temperature",
+        ),
+        (
+            &["generate", "-m", "/nonexistent.gguf", "-p", "hi"],
+            "/nonexistent.gguf",
+        ),
+        (
+            &["generate", "-m", model, "-p", "hi", "--kernels", "sse9"],
+            "sse9",
+        ),
+        (
+            &["tokenize", "-m", model, "--messages", robot],
+            "robot.json",
+        ),
+        (
+            &["tokenize", "-m", model, "--messages", empty],
+            "no messages",
+        ),
+    ];
+    for (args, must_mention) in cases {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| s(a)).collect();
+        expect_error(&args, must_mention);
+    }
+    let invalid = std::ffi::OsStr::from_bytes(b"caf\xe9");
     expect_error(
-        &[s("tokenize"), s("-m"), mo, s("--messages"), f.as_os_str()],
-        "bad.json",
+        &[s("generate"), s("-m"), m.as_os_str(), s("-p"), invalid],
+        "UTF-8",
     );
-    std::fs::write(&f, "[]").unwrap();
-    expect_error(
-        &[s("tokenize"), s("-m"), mo, s("--messages"), f.as_os_str()],
-        "no messages",
+}
+
+#[test]
+fn stop_strings_end_the_reply_and_are_not_printed() {
+    let m = converted("tiny-b", "q8_0");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            s("generate"),
+            s("-m"),
+            m.as_os_str(),
+            s("--raw"),
+            s("-p"),
+            s("Once upon a time"),
+            s("--max-tokens"),
+            s("40"),
+            s("--seed"),
+            s("5"),
+        ];
+        args.extend(extra.iter().map(|a| s(a)));
+        stdout(&crystald(&args))
+    };
+    let full = run(&[]);
+    let chars: Vec<char> = full.chars().collect();
+    assert!(
+        chars.len() > 12,
+        "too little text to pick a stop string from: {full:?}"
     );
+    let stop: String = chars[8..11].iter().collect();
+    let cut = run(&["--stop", &stop]);
+    let expected = &full[..full.find(&stop).unwrap()];
+    assert_eq!(cut.trim_end_matches('\n'), expected, "stop string {stop:?}");
 }

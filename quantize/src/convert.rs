@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Which storage type each kind of tensor gets.
@@ -90,14 +91,34 @@ impl Summary {
     }
 }
 
+/// The temporary output being written, for the interrupt handler: Drop
+/// does not run when the process is stopped by a signal.
+static IN_PROGRESS: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes the temporary output of a conversion in progress (called on
+/// SIGINT/SIGTERM before exiting).
+pub fn remove_partial_output() {
+    if let Some(p) = IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 /// Removes the temporary output unless the conversion completed.
 struct TempOutput {
     path: PathBuf,
     keep: bool,
 }
 
+impl TempOutput {
+    fn new(path: PathBuf) -> TempOutput {
+        *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        TempOutput { path, keep: false }
+    }
+}
+
 impl Drop for TempOutput {
     fn drop(&mut self) {
+        IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()).take();
         if !self.keep {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -168,10 +189,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
     metadata.extend(special.to_metadata());
 
-    let tmp = TempOutput {
-        path: temp_path_for(&opts.output),
-        keep: false,
-    };
+    let tmp = TempOutput::new(temp_path_for(&opts.output));
     let file =
         File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", opts.output.display());
@@ -191,8 +209,12 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     let mut src = Vec::new();
     let mut out = Vec::new();
     let mut laid_out = Vec::new();
-    for (d, spec) in descs.iter().zip(&specs) {
+    for (i, (d, spec)) in descs.iter().zip(&specs).enumerate() {
         let t = ckpt.get(&d.hf_name).unwrap();
+        // Let the OS read the next tensor while this one is converted.
+        if let Some(next) = descs.get(i + 1).and_then(|n| ckpt.get(&n.hf_name)) {
+            ckpt.prefetch(&next);
+        }
         checkpoint::to_f32(&t, &mut src)
             .with_context(|| format!("reading tensor '{}'", d.hf_name))?;
         check_finite(&d.hf_name, &src)?;
@@ -203,7 +225,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
             }
         }
         ckpt.release(&t);
-        let rows = lay_out(d, &src, &mut laid_out);
+        let rows = lay_out(d, &src, &mut laid_out, opts.threads);
         encode_rows(spec.ty, rows, spec.dims[0] as usize, &mut out, opts.threads);
         w.write_data(&out).map_err(out_err)?;
         done_in += t.bytes.len() as u64;
@@ -306,7 +328,12 @@ fn verify_tied(lm_head: &TensorRef<'_>, embd: &[f32]) -> Result<()> {
 /// Puts a checkpoint tensor into file layout: Conv1D weights `[in, out]`
 /// become row-major `[out, in]`, and everything is zero-padded to the file
 /// shape (see `model_file` on padding).
-fn lay_out<'a>(d: &TensorDesc, src: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+fn lay_out<'a>(
+    d: &TensorDesc,
+    src: &'a [f32],
+    scratch: &'a mut Vec<f32>,
+    threads: usize,
+) -> &'a [f32] {
     let cols = d.dims[0] as usize;
     let rows = d.dims.get(1).copied().unwrap_or(1) as usize;
     if d.kind != Kind::Linear && src.len() == rows * cols {
@@ -317,7 +344,7 @@ fn lay_out<'a>(d: &TensorDesc, src: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a
     match d.kind {
         Kind::Linear => {
             let (n_in, n_out) = (d.hf_shape[0] as usize, d.hf_shape[1] as usize);
-            transpose_into(src, n_in, n_out, scratch, cols);
+            transpose_into(src, n_in, n_out, scratch, cols, threads);
         }
         _ => scratch[..src.len()].copy_from_slice(src),
     }
@@ -325,19 +352,35 @@ fn lay_out<'a>(d: &TensorDesc, src: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a
 }
 
 /// `dst[o * dst_stride + i] = src[i * n_out + o]`, in tiles so both sides
-/// stay in cache.
-fn transpose_into(src: &[f32], n_in: usize, n_out: usize, dst: &mut [f32], dst_stride: usize) {
+/// stay in cache, output rows split across threads.
+fn transpose_into(
+    src: &[f32],
+    n_in: usize,
+    n_out: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    threads: usize,
+) {
     const TILE: usize = 64;
-    for i0 in (0..n_in).step_by(TILE) {
-        for o0 in (0..n_out).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(n_in) {
-                let row = &src[i * n_out..(i + 1) * n_out];
-                for o in o0..(o0 + TILE).min(n_out) {
-                    dst[o * dst_stride + i] = row[o];
+    let per = n_out.div_ceil(threads.max(1)).div_ceil(TILE).max(1) * TILE;
+    std::thread::scope(|s| {
+        for (c, dst) in dst.chunks_mut(per * dst_stride).enumerate() {
+            let o_start = c * per;
+            let o_end = (o_start + per).min(n_out);
+            s.spawn(move || {
+                for i0 in (0..n_in).step_by(TILE) {
+                    for o0 in (o_start..o_end).step_by(TILE) {
+                        for i in i0..(i0 + TILE).min(n_in) {
+                            let row = &src[i * n_out..(i + 1) * n_out];
+                            for o in o0..(o0 + TILE).min(o_end) {
+                                dst[(o - o_start) * dst_stride + i] = row[o];
+                            }
+                        }
+                    }
                 }
-            }
+            });
         }
-    }
+    });
 }
 
 /// Encodes rows of `cols` values into `out`, splitting rows across threads.
@@ -369,15 +412,27 @@ mod tests {
 
     #[test]
     fn transpose_pads_with_zeros() {
-        // [in=2, out=3] -> [out=3 (+1 pad row), in=2 (+2 pad cols)]
+        // [in=2, out=3] -> [out=3, in=2 (+2 pad cols)]
         let src = [1., 2., 3., 4., 5., 6.];
-        let mut dst = vec![9.0; 4 * 4];
-        dst.iter_mut().for_each(|v| *v = 0.0);
-        transpose_into(&src, 2, 3, &mut dst, 4);
-        assert_eq!(
-            &dst[..12],
-            &[1., 4., 0., 0., 2., 5., 0., 0., 3., 6., 0., 0.]
-        );
+        let mut dst = vec![0.0; 12];
+        transpose_into(&src, 2, 3, &mut dst, 4, 1);
+        assert_eq!(dst, [1., 4., 0., 0., 2., 5., 0., 0., 3., 6., 0., 0.]);
+    }
+
+    #[test]
+    fn threaded_transpose_equals_naive() {
+        let (n_in, n_out, stride) = (130, 200, 160);
+        let src: Vec<f32> = (0..n_in * n_out).map(|v| v as f32).collect();
+        for threads in [1, 2, 3, 7] {
+            let mut dst = vec![0.0; n_out * stride];
+            transpose_into(&src, n_in, n_out, &mut dst, stride, threads);
+            for o in 0..n_out {
+                for i in 0..stride {
+                    let want = if i < n_in { src[i * n_out + o] } else { 0.0 };
+                    assert_eq!(dst[o * stride + i], want, "threads {threads} at ({o}, {i})");
+                }
+            }
+        }
     }
 
     #[test]

@@ -179,6 +179,12 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
+    // An interrupted conversion must not leave a partial file behind.
+    let _ = ctrlc::set_handler(|| {
+        convert::remove_partial_output();
+        eprintln!("crystal-quantize: interrupted");
+        std::process::exit(130);
+    });
     let result = match cli.command {
         None => run_convert(cli.convert),
         Some(Command::Synth {

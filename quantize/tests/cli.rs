@@ -251,3 +251,41 @@ fn unwritable_and_full_output_locations() {
         "partial output left behind"
     );
 }
+
+#[test]
+fn interrupted_conversion_leaves_nothing_behind() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::BinF32Sharded { shards: 2 });
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("model.gguf");
+    for signal in ["INT", "TERM"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crystal-quantize"))
+            .arg(src.path())
+            .arg("-o")
+            .arg(&target)
+            .args(["--type", "f32", "--quiet", "--threads", "1"])
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while std::fs::read_dir(out.path()).unwrap().count() == 0
+            && started.elapsed().as_secs() < 20
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let killed = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.wait().unwrap();
+        // The conversion takes ~100 ms and the signal lands within ~1 ms of
+        // the temporary file appearing, so it is interrupted mid-write.
+        assert_eq!(status.code(), Some(130), "SIG{signal}: {status}");
+        let left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "SIG{signal} left {left:?}");
+    }
+}
