@@ -49,7 +49,7 @@ case "$arch" in
     amd64)
         triple=x86_64-unknown-linux-gnu
         candidates=("$target_root/$triple/release" "$target_root/release")
-        strip_tool=strip
+        strip_tool="strip"
         ;;
     "") die "usage: package-deb.sh arm64|amd64 [--bin-dir DIR] [--out DIR] [--systemd-dir DIR]" ;;
     *) die "unsupported architecture $arch (arm64, amd64)" ;;
