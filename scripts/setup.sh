@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing crystald needs on a fresh Debian
 # machine that has only Rust, gcc and Python: the Python packages the tests
-# use to cross-check files (in .venv). Idempotent; safe to run repeatedly.
+# use to cross-check files (in .venv), and the ARM cross toolchain and
+# emulator (below). Idempotent; safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,5 +18,25 @@ fi
 if ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activate >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+fi
+# ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and
+# libc as linker and sysroot, qemu-user to run the tests, Rust's aarch64
+# std. CRYSTALD_SKIP_CROSS=1 leaves them out (and scripts/test.sh then
+# skips the ARM steps).
+if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
+    need=()
+    command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
+    [ -e /usr/aarch64-linux-gnu/lib/libc.so ] || need+=(libc6-dev-arm64-cross)
+    command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
+    command -v dpkg-deb >/dev/null || need+=(dpkg)
+    if [ ${#need[@]} -gt 0 ]; then
+        sudo=()
+        [ "$(id -u)" = 0 ] || sudo=(sudo)
+        "${sudo[@]}" apt-get update -q
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${need[@]}"
+    fi
+    if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+        rustup target add aarch64-unknown-linux-gnu
+    fi
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import gguf, importlib.metadata as m; print("gguf", m.version("gguf"))'))"

@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite: installs test tools, then runs every test of the
-# workspace. This is the command CI runs.
+# workspace (tests/packaging.rs builds and checks the amd64 .deb), then the
+# ARM steps. This is the command CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 export CRYSTALD_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace --locked "$@"
+
+# ARM: release binaries cross-built for aarch64, the kernel and engine tests
+# under qemu on a Cortex-A72 (NEON) and a DotProd CPU, and the packages.
+if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
+    arm_start=$SECONDS
+    cross/test-qemu.sh
+    cross/build.sh --release aarch64-unknown-linux-gnu
+    cross/package-deb.sh arm64
+    echo "test.sh: ARM steps took $((SECONDS - arm_start)) s"
+fi

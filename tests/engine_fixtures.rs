@@ -70,9 +70,34 @@ fn run(
     m
 }
 
+/// Every kernel set, after checking it is the set CI expects on this CPU
+/// (`CRYSTALD_EXPECT_KERNELS`, best first), so an emulated run that lost
+/// its SIMD kernels fails rather than comparing scalar code alone.
+/// `CRYSTALD_TEST_KERNELS` limits the run to some of them: under an
+/// emulator the scalar set, already covered natively, would cost minutes.
 fn each_kernel_set(f: impl Fn(&'static dyn kernels::Kernels)) {
-    for k in kernels::available() {
-        f(k);
+    let avail = kernels::available();
+    let names: Vec<&str> = avail.iter().map(|k| k.name()).collect();
+    if let Ok(want) = std::env::var("CRYSTALD_EXPECT_KERNELS") {
+        let want: Vec<&str> = want.split(',').map(str::trim).collect();
+        assert_eq!(names, want, "CRYSTALD_EXPECT_KERNELS");
+    }
+    let only = std::env::var("CRYSTALD_TEST_KERNELS").ok();
+    let only: Option<Vec<&str>> = only
+        .as_deref()
+        .map(|s| s.split(',').map(str::trim).collect());
+    if let Some(only) = &only {
+        for n in only {
+            assert!(
+                names.contains(n),
+                "CRYSTALD_TEST_KERNELS names '{n}', not available"
+            );
+        }
+    }
+    for k in avail {
+        if only.as_ref().map_or(true, |o| o.contains(&k.name())) {
+            f(k);
+        }
     }
 }
 

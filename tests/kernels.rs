@@ -557,6 +557,20 @@ fn every_available_implementation_can_be_selected_by_name() {
     }
 }
 
+/// CI runs this suite on emulated CPUs and says which implementations each
+/// must offer, best first (`CRYSTALD_EXPECT_KERNELS=neon,scalar` for a
+/// Cortex-A72), so a run that silently fell back to fewer kernels fails
+/// instead of passing on the scalar reference alone.
+#[test]
+fn available_kernels_are_the_expected_ones() {
+    let names: Vec<&str> = kernels().iter().map(|k| k.name()).collect();
+    eprintln!("available kernels: {}", names.join(", "));
+    if let Ok(want) = std::env::var("CRYSTALD_EXPECT_KERNELS") {
+        let want: Vec<&str> = want.split(',').map(str::trim).collect();
+        assert_eq!(names, want, "CRYSTALD_EXPECT_KERNELS");
+    }
+}
+
 // ---------------------------------------------------------------- benchmarks
 
 /// Best time of `reps` runs of `f`, in seconds.

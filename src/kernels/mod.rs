@@ -12,6 +12,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 
 use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
@@ -121,11 +123,22 @@ pub fn available() -> Vec<&'static dyn Kernels> {
     if let Some(k) = avx2::Avx2::detect() {
         v.push(k);
     }
+    // Baseline before DotProd, so that after the reversal an A76/A78 gets
+    // "neon-dotprod" first and a Cortex-A72 (Pi 4) gets "neon".
+    #[cfg(target_arch = "aarch64")]
+    {
+        if let Some(k) = neon::Neon::detect() {
+            v.push(k);
+        }
+        if let Some(k) = neon::Neon::detect_dotprod() {
+            v.push(k);
+        }
+    }
     v.reverse();
     v
 }
 
-/// Picks the kernels: `name` ("scalar", "avx2", "neon", or "auto"/None for
+/// Picks the kernels: `name` ("scalar", "avx2", "neon", "neon-dotprod", or "auto"/None for
 /// the best available). An unknown or unsupported name is an error, never a
 /// silent fallback, so a forced run really tests what it names.
 pub fn select(name: Option<&str>) -> Result<&'static dyn Kernels, String> {
