@@ -67,6 +67,8 @@ if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 bin=${CARGO_TARGET_DIR:-target}/release
+sdist_dir=$WORK/llama_cpp_python-$LLAMA_CPP_PY_VERSION
+src=$sdist_dir/vendor/llama.cpp
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'bench-vs-llama: error: %s\n' "$*" >&2; exit 1; }
@@ -75,6 +77,90 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 mkdir -p "$WORK"
 load_start=$(loadavg)
 t_start=$(date +%s)
+
+# ---------------------------------------------------------------- 6. report
+# report: the summary table of the measurements in $res (REPORT_ONLY=<results dir>
+# reprints it for an earlier run without measuring anything).
+report() {
+{
+    echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.1f GiB", $2/2^20}' /proc/meminfo) RAM"
+    echo "load average (1/5/15 min): start $(cat "$res/load-start"), end $(cat "$res/load-end"); $(cat "$res/elapsed") s in all"
+    commit=$(awk -v v="## [$LLAMA_CPP_PY_VERSION]" '$0 == v {f=1; next} /^## / {f=0} f && /llama.cpp@/ {sub(/.*llama.cpp@/, ""); print; exit}' "$sdist_dir/CHANGELOG.md" 2>/dev/null || true)
+    echo "llama.cpp: ggml-org/llama.cpp@${commit:-unknown} as vendored in llama-cpp-python $LLAMA_CPP_PY_VERSION (ggml $(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$src/ggml/CMakeLists.txt" | paste -sd.)), CPU backend, AVX2/FMA/F16C"
+    echo "llama.cpp model: $LLAMA_MODEL ($(du -b "$LLAMA_MODEL" | awk '{printf "%.2f GiB", $1/2^30}'))"
+    echo "crystald model:  $CRYSTAL_MODEL ($(du -b "$CRYSTAL_MODEL" | awk '{printf "%.2f GiB", $1/2^30}')), crystald $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src quantize Cargo.toml Cargo.lock || echo '+dirty')"
+    echo "reps $REPS per measurement, $ROUNDS round(s); prompt 64 tokens, 32 generated; medians"
+    echo
+    RES=$res THREADS=$THREADS ROUNDS=$ROUNDS "$PY" - <<'EOF'
+import json, os, re, statistics as st
+res, rounds = os.environ["RES"], int(os.environ["ROUNDS"])
+threads = os.environ["THREADS"].split()
+
+def peak_gib(name):
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{res}/{name}.time").read())
+    return int(m.group(1)) / 2**20
+
+def load1(name):  # 1-minute load average before and after the run
+    v = [l.split()[1] for l in open(f"{res}/{name}.load")]
+    return "→".join(v)
+
+def llama(name):
+    """medians of llama-bench's per-repetition samples, and their min-max."""
+    pp = tg = None
+    for line in open(f"{res}/{name}.out"):
+        if not line.startswith("{"):
+            continue
+        j = json.loads(line)
+        if j["n_prompt"] > 0 and j["n_gen"] == 0:
+            pp = j["samples_ts"]
+        elif j["n_gen"] > 0 and j["n_prompt"] == 0:
+            tg = j["samples_ts"]
+    spread = f"pp {min(pp):.2f}-{max(pp):.2f}, tg {min(tg):.2f}-{max(tg):.2f}"
+    return st.median(pp), st.median(tg), peak_gib(name), spread
+
+def crystald(name):
+    rows = [l for l in open(f"{res}/{name}.out") if re.match(r"\|\s*\d+\s*\|", l)]
+    c = [x.strip() for x in rows[-1].strip().strip("|").split("|")]
+    # threads, prefill, decode, load ms, peak RSS MiB, anon RSS MiB, KV MiB (medians)
+    return float(c[1]), float(c[2]), peak_gib(name), f"(medians only; load {c[3]} ms, anon {c[5]} MiB)"
+
+engines = [("llama.cpp default (repack)", "llama-default", llama),
+           ("llama.cpp --repack 0 (mmap)", "llama-norepack", llama),
+           ("crystald", "crystald", crystald)]
+table = {}
+print("| engine | threads | prefill pp64 tok/s | decode tg32 tok/s | peak RSS GiB | samples min-max | load 1m before→after |")
+print("|---|---|---|---|---|---|---|")
+for t in threads:
+    for label, key, f in engines:
+        names = [f"{key}-t{t}-r{r}" for r in range(1, rounds + 1)]
+        vals = [f(n) for n in names]
+        pp, tg, rss = (st.median([v[i] for v in vals]) for i in range(3))
+        table[(key, t)] = (pp, tg, rss)
+        spread = "; ".join(v[3] for v in vals)
+        loads = "; ".join(load1(n) for n in names)
+        print(f"| {label} | {t} | {pp:.2f} | {tg:.2f} | {rss:.2f} | {spread} | {loads} |")
+print()
+print("| ratio crystald / llama.cpp | threads | prefill | decode | peak RSS |")
+print("|---|---|---|---|---|")
+for t in threads:
+    c = table[("crystald", t)]
+    for label, key in [("vs default (repack)", "llama-default"), ("vs --repack 0", "llama-norepack")]:
+        l = table[(key, t)]
+        print(f"| {label} | {t} | {c[0] / l[0]:.2f} | {c[1] / l[1]:.2f} | {c[2] / l[2]:.2f} |")
+EOF
+    echo
+    echo "tok/s: medians over the repetitions (llama-bench samples; crystald bench's own medians)."
+    echo "peak RSS: /usr/bin/time -v maximum resident set size (crystald: of its largest"
+    echo "per-measurement child process). Raw outputs are in $res."
+} | tee "$res/summary.md"
+}
+
+if [ -n "${REPORT_ONLY:-}" ]; then
+    res=$REPORT_ONLY
+    [ -f "$res/load-end" ] || die "$res: not a finished results directory"
+    report
+    exit 0
+fi
 
 # ---------------------------------------------------------------- tools
 need_apt=()
@@ -92,8 +178,6 @@ fi
     die "$PY lacks numpy/gguf: set PY to a Python that has them (e.g. PY=/path/.venv/bin/python)"
 
 # ---------------------------------------------------------------- 1. llama.cpp source
-sdist_dir=$WORK/llama_cpp_python-$LLAMA_CPP_PY_VERSION
-src=$sdist_dir/vendor/llama.cpp
 if [ ! -f "$src/CMakeLists.txt" ]; then
     tarball=$WORK/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz
     if [ ! -f "$tarball" ]; then
@@ -183,71 +267,8 @@ for r in $(seq 1 "$ROUNDS"); do
         run "crystald-t$t-r$r" "$bin/crystald" bench -m "$CRYSTAL_MODEL" --threads-list "$t" --reps "$REPS"
     done
 done
-load_end=$(loadavg)
+echo "$load_start" >"$res/load-start"
+loadavg >"$res/load-end"
+echo $(($(date +%s) - t_start)) >"$res/elapsed"
+report
 
-# ---------------------------------------------------------------- 6. report
-{
-    echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.1f GiB", $2/2^20}' /proc/meminfo) RAM"
-    echo "load average (1/5/15 min): start $load_start, end $load_end; $(($(date +%s) - t_start)) s in all"
-    commit=$(awk -v v="## [$LLAMA_CPP_PY_VERSION]" '$0 == v {f=1; next} /^## / {f=0} f && /llama.cpp@/ {sub(/.*llama.cpp@/, ""); print; exit}' "$sdist_dir/CHANGELOG.md" 2>/dev/null || true)
-    echo "llama.cpp: ggml-org/llama.cpp@${commit:-unknown} as vendored in llama-cpp-python $LLAMA_CPP_PY_VERSION (ggml $(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$src/ggml/CMakeLists.txt" | paste -sd.)), CPU backend, AVX2/FMA/F16C"
-    echo "llama.cpp model: $LLAMA_MODEL ($(du -b "$LLAMA_MODEL" | awk '{printf "%.2f GiB", $1/2^30}'))"
-    echo "crystald model:  $CRYSTAL_MODEL ($(du -b "$CRYSTAL_MODEL" | awk '{printf "%.2f GiB", $1/2^30}')), crystald $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src quantize Cargo.toml Cargo.lock || echo '+dirty')"
-    echo "reps $REPS per measurement, $ROUNDS round(s); prompt 64 tokens, 32 generated"
-    echo
-    RES=$res THREADS=$THREADS ROUNDS=$ROUNDS "$PY" - <<'EOF'
-import json, os, re, statistics as st
-res, rounds = os.environ["RES"], int(os.environ["ROUNDS"])
-threads = os.environ["THREADS"].split()
-
-def peak_kib(name):
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{res}/{name}.time").read())
-    return int(m.group(1))
-
-def llama(name):
-    pp = tg = None
-    for line in open(f"{res}/{name}.out"):
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        j = json.loads(line)
-        if j["n_prompt"] > 0 and j["n_gen"] == 0:
-            pp = j["avg_ts"]
-        elif j["n_gen"] > 0 and j["n_prompt"] == 0:
-            tg = j["avg_ts"]
-    return pp, tg, peak_kib(name)
-
-def crystald(name):
-    rows = [l for l in open(f"{res}/{name}.out") if re.match(r"\|\s*\d+\s*\|", l)]
-    c = [x.strip() for x in rows[-1].strip().strip("|").split("|")]
-    return float(c[1]), float(c[2]), peak_kib(name)
-
-def med(xs):
-    return st.median(xs)
-
-engines = [("llama.cpp default (repack)", "llama-default", llama),
-           ("llama.cpp --repack 0 (mmap)", "llama-norepack", llama),
-           ("crystald", "crystald", crystald)]
-table = {}
-print("| engine | threads | prefill pp64 tok/s | decode tg32 tok/s | peak RSS GiB |")
-print("|---|---|---|---|---|")
-for t in threads:
-    for label, key, f in engines:
-        vals = [f(f"{key}-t{t}-r{r}") for r in range(1, rounds + 1)]
-        pp, tg, rss = (med([v[i] for v in vals]) for i in range(3))
-        table[(key, t)] = (pp, tg, rss / 2**20)
-        print(f"| {label} | {t} | {pp:.2f} | {tg:.2f} | {rss / 2**20:.2f} |")
-print()
-print("| ratio crystald / llama.cpp | threads | prefill | decode | peak RSS |")
-print("|---|---|---|---|---|")
-for t in threads:
-    c = table[("crystald", t)]
-    for label, key in [("vs default (repack)", "llama-default"), ("vs --repack 0", "llama-norepack")]:
-        l = table[(key, t)]
-        print(f"| {label} | {t} | {c[0] / l[0]:.2f} | {c[1] / l[1]:.2f} | {c[2] / l[2]:.2f} |")
-EOF
-    echo
-    echo "peak RSS: /usr/bin/time -v maximum resident set size of the process (crystald: of its"
-    echo "largest per-measurement child). crystald's own table (with load ms, anon RSS) and"
-    echo "llama-bench's jsonl (with stddev) are in $res."
-} | tee "$res/summary.md"
