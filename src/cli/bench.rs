@@ -5,6 +5,7 @@
 use super::ModelArgs;
 use anyhow::{bail, Context, Result};
 use crystald::model::{KvType, Logits, Model, Session};
+use crystald::sampling::{Sampler, SamplingParams};
 use std::process::Command;
 use std::time::Instant;
 
@@ -70,12 +71,15 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
         .collect();
     let t = Instant::now();
     let logits = session.forward(&model, &prompt, Logits::Last)?;
-    let mut next = argmax(logits);
+    let mut greedy = Sampler::new(SamplingParams::greedy());
+    let mut row = logits.to_vec();
+    let mut next = greedy.sample(&mut row, &[]);
     let prefill = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     for _ in 0..a.gen_tokens {
-        next = argmax(session.forward(&model, &[next], Logits::Last)?);
+        row.copy_from_slice(session.forward(&model, &[next], Logits::Last)?);
+        next = greedy.sample(&mut row, &[]);
     }
     let decode = t.elapsed().as_secs_f64();
     let (peak, anon) = memory_mb();
@@ -88,16 +92,6 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
         anon_rss_mb: anon,
         kv_mb: session.kv_bytes() as f64 / (1 << 20) as f64,
     })
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
