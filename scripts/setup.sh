@@ -19,6 +19,17 @@ if ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activa
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
 fi
+# MQTT: tests/mqtt.rs runs the daemon against a real Mosquitto broker
+# (started by the tests on a free loopback port) and drives it with the stock
+# mosquitto_pub/mosquitto_sub clients; openssl makes the test CA.
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] \
+    || ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
+        mosquitto mosquitto-clients openssl
+fi
 # ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and
 # libc as linker and sysroot, qemu-user to run the tests, Rust's aarch64
 # std. CRYSTALD_SKIP_CROSS=1 leaves them out (and scripts/test.sh then

@@ -118,14 +118,33 @@ fn service_is_hardened() {
 fn example_config_documents_every_setting() {
     let text = read("crystald.toml");
     Config::parse(&text).expect("the example parses");
+    let shown = |key: &str| {
+        text.lines().any(|l| {
+            let l = l.trim_start_matches('#').trim_start();
+            l.starts_with(&format!("{key} =")) || l == format!("[{key}]")
+        })
+    };
     let keys = serde_json::to_value(Config::default()).unwrap();
     for key in keys.as_object().unwrap().keys() {
-        let documented = text.lines().any(|l| {
-            let l = l.trim_start_matches('#').trim_start();
-            l.starts_with(&format!("{key} ="))
-        });
-        assert!(documented, "systemd/crystald.toml does not show '{key}'");
+        assert!(shown(key), "systemd/crystald.toml does not show '{key}'");
     }
+    let mqtt = serde_json::to_value(crystald::daemon::config::MqttConfig::default()).unwrap();
+    for key in mqtt.as_object().unwrap().keys() {
+        assert!(
+            shown(key),
+            "systemd/crystald.toml does not show mqtt '{key}'"
+        );
+    }
+    // The commented [mqtt] example, uncommented, is a valid configuration.
+    let example: String = text
+        .lines()
+        .skip_while(|l| *l != "# [mqtt]")
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let cfg = Config::parse(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    assert!(cfg.mqtt.is_some());
 }
 
 #[test]

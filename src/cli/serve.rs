@@ -28,6 +28,14 @@ pub struct Args {
     /// Requests that may wait while one runs [config: queue_size].
     #[arg(long)]
     queue_size: Option<usize>,
+    /// Also serve MQTT through this broker: mqtt://HOST[:PORT] or
+    /// mqtts://HOST[:PORT] [config: mqtt.url]. Credentials and TLS files
+    /// are set in the config file's [mqtt] table.
+    #[arg(long)]
+    mqtt_url: Option<String>,
+    /// Topic prefix [config: mqtt.prefix; default crystal/<hostname>].
+    #[arg(long)]
+    mqtt_prefix: Option<String>,
     /// error, warn, info, debug [config: log_level].
     #[arg(long)]
     log_level: Option<String>,
@@ -49,6 +57,15 @@ impl Args {
         cfg.threads = self.threads.or(cfg.threads);
         cfg.kernels = self.kernels.or(cfg.kernels);
         cfg.ctx = self.ctx.or(cfg.ctx);
+        if self.mqtt_url.is_some() || self.mqtt_prefix.is_some() {
+            let m = cfg.mqtt.get_or_insert_with(Default::default);
+            if let Some(url) = self.mqtt_url {
+                m.url = url;
+            }
+            if let Some(prefix) = self.mqtt_prefix {
+                m.prefix = Some(prefix);
+            }
+        }
         Ok(cfg)
     }
 }

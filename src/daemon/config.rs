@@ -53,6 +53,76 @@ pub struct Config {
     /// Seconds a running request may take to finish after SIGTERM.
     pub drain_timeout_s: f64,
     pub log_level: String,
+    /// The MQTT transport; absent: no MQTT.
+    pub mqtt: Option<MqttConfig>,
+}
+
+/// `[mqtt]`: the broker connection and topics (see `systemd/crystald.toml`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://HOST[:PORT]` (1883) or `mqtts://HOST[:PORT]` (8883).
+    pub url: String,
+    /// Names this device in the default prefix and client id (default: the hostname).
+    pub device_id: Option<String>,
+    /// Topic prefix (default: `crystal/<device_id>`).
+    pub prefix: Option<String>,
+    /// Default: `crystald-<device_id>`.
+    pub client_id: Option<String>,
+    /// "5" or "3.1.1".
+    pub protocol: String,
+    pub keep_alive_s: u64,
+    /// QoS of the subscription and of every message the daemon publishes.
+    pub qos: u8,
+    pub username: Option<String>,
+    /// A file whose first line is the password.
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// PEM file of the CA that signed the broker's certificate (`mqtts://`;
+    /// default: the system's trusted CAs).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require them.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Seconds between status refreshes when nothing changes.
+    pub status_interval_s: u64,
+    /// Longest wait between reconnection attempts (the wait doubles from 1 s).
+    pub reconnect_max_s: u64,
+    /// Give up (the daemon exits with an error) after this many failed
+    /// attempts in a row before a first successful connection; 0: never.
+    pub connect_attempts: u32,
+    /// Reply messages held while the broker is away; beyond, token events
+    /// are dropped (counted, logged); final events are always kept.
+    pub max_pending_messages: usize,
+    /// A request id seen again within this many seconds, for the same reply
+    /// destination, is a redelivery and is not answered again.
+    pub dedup_window_s: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: "mqtt://localhost:1883".into(),
+            device_id: None,
+            prefix: None,
+            client_id: None,
+            protocol: "5".into(),
+            keep_alive_s: 30,
+            qos: 1,
+            username: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            status_interval_s: 60,
+            reconnect_max_s: 30,
+            connect_attempts: 0,
+            max_pending_messages: 4096,
+            dedup_window_s: 600,
+        }
+    }
 }
 
 impl Default for Config {
@@ -75,6 +145,7 @@ impl Default for Config {
             max_connections: 64,
             drain_timeout_s: 10.0,
             log_level: "info".into(),
+            mqtt: None,
         }
     }
 }

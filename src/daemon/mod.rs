@@ -2,7 +2,7 @@
 //!
 //! - [`protocol`]: requests, replies and their checks (transport-neutral);
 //! - [`scheduler`]: the bounded queue and the inference worker;
-//! - [`transport`]: how clients connect (the Unix socket);
+//! - [`transport`]: how clients connect (the Unix socket, MQTT);
 //! - [`access`]: which peers are served;
 //! - [`lifecycle`]: sockets, signals, systemd notifications;
 //! - [`config`], [`logging`].
@@ -22,11 +22,12 @@ pub mod transport;
 use crate::model::{KvType, Model};
 use crate::tokenizer::Tokenizer;
 use config::Config;
-use logging::log_info;
+use logging::{log_error, log_info};
 use scheduler::{Scheduler, SchedulerConfig};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use transport::mqtt::MqttServer;
 use transport::unix::{UnixOptions, UnixServer};
 
 /// How long replies already produced may take to reach clients at exit.
@@ -41,6 +42,13 @@ pub fn serve(
 ) -> Result<(), String> {
     cfg.validate()?;
     logging::set_level(cfg.level()?);
+    let mqtt_settings = match &cfg.mqtt {
+        Some(m) => Some(
+            transport::mqtt::Settings::resolve(m, cfg.max_line_bytes)
+                .map_err(|e| format!("mqtt: {e}"))?,
+        ),
+        None => None,
+    };
     let access = access::Access::resolve(&cfg.allowed_users, &cfg.allowed_groups)?;
     let signals = lifecycle::signals()?;
     let (listener, bound) = match lifecycle::inherited_listener()? {
@@ -92,6 +100,8 @@ pub fn serve(
             max_connections: cfg.max_connections,
         },
     );
+    let mqtt =
+        mqtt_settings.map(|s| MqttServer::spawn(s, worker.scheduler().clone(), name.clone()));
     let sched = worker.scheduler().clone();
     let watchdog = lifecycle::start_watchdog(move || sched.is_alive());
     let where_ = match &bound {
@@ -101,8 +111,18 @@ pub fn serve(
     lifecycle::notify(&format!("READY=1\nSTATUS=Serving {name} on {where_}"));
     log_info!("ready: serving {name} on {where_}");
 
-    // Any message, or the handler's channel closing, means stop.
-    let _ = signals.recv();
+    // Any message, or the handler's channel closing, means stop; so does
+    // an MQTT connection that was configured to give up.
+    let mut failure = None;
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        signals.recv_timeout(Duration::from_millis(250))
+    {
+        if let Some(e) = mqtt.as_ref().and_then(|m| m.fatal()) {
+            log_error!("{e}");
+            failure = Some(e);
+            break;
+        }
+    }
     lifecycle::notify("STOPPING=1\nSTATUS=Stopping: finishing the running request");
     log_info!(
         "stopping: no new connections, draining for up to {}s",
@@ -112,9 +132,15 @@ pub fn serve(
     drop(bound);
     worker.shutdown(Duration::from_secs_f64(cfg.drain_timeout_s), &signals);
     server.close(FLUSH_TIMEOUT);
+    if let Some(m) = mqtt {
+        m.close(FLUSH_TIMEOUT);
+    }
     if let Some(w) = watchdog {
         w.store(true, Ordering::SeqCst);
     }
     log_info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -54,6 +54,11 @@ pub enum ErrorCode {
     Forbidden,
     /// A failure inside the daemon; the message says what.
     Internal,
+    /// An MQTT payload is larger than the configured limit.
+    PayloadTooLarge,
+    /// An MQTT request that the broker kept as retained: it was published
+    /// before the daemon subscribed, maybe long ago, and is not answered.
+    StaleRequest,
 }
 
 impl ErrorCode {
@@ -70,6 +75,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Internal => "internal",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::StaleRequest => "stale_request",
         }
     }
 }
@@ -165,35 +172,58 @@ pub struct Rejection {
 
 /// Parses one line (without its newline).
 pub fn parse_line(line: &[u8]) -> Result<Incoming, Rejection> {
-    let reject = |id: Option<Id>, code, message: String| Rejection {
-        id,
+    parse_object(parse_json_object(line)?)
+}
+
+/// The first step of [`parse_line`]: UTF-8, JSON, and an object. Transports
+/// that carry fields of their own (MQTT's `reply_to`) take them out before
+/// [`parse_object`].
+pub fn parse_json_object(
+    bytes: &[u8],
+) -> Result<serde_json::Map<String, serde_json::Value>, Rejection> {
+    let reject = |code, message: String| Rejection {
+        id: None,
         error: ApiError::new(code, message),
     };
-    let text = std::str::from_utf8(line).map_err(|e| {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         reject(
-            None,
             ErrorCode::InvalidUtf8,
-            format!("the line is not valid UTF-8 ({e})"),
+            format!("the message is not valid UTF-8 ({e})"),
         )
     })?;
     let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| reject(None, ErrorCode::InvalidJson, format!("not JSON: {e}")))?;
-    let serde_json::Value::Object(obj) = &value else {
-        return Err(reject(
-            None,
+        .map_err(|e| reject(ErrorCode::InvalidJson, format!("not JSON: {e}")))?;
+    match value {
+        serde_json::Value::Object(obj) => Ok(obj),
+        other => Err(reject(
             ErrorCode::InvalidJson,
-            format!("a request must be a JSON object, got {}", json_kind(&value)),
-        ));
-    };
-    // Read on its own so that errors about other fields still carry it.
-    let id = obj.get("id").and_then(|v| Id::deserialize(v).ok());
+            format!("a request must be a JSON object, got {}", json_kind(&other)),
+        )),
+    }
+}
+
+/// The id of a request object when it has a readable one, so that errors
+/// about other fields can still name it.
+pub fn id_of(obj: &serde_json::Map<String, serde_json::Value>) -> Option<Id> {
+    obj.get("id").and_then(|v| Id::deserialize(v).ok())
+}
+
+/// The second step of [`parse_line`]: a request or a control message.
+pub fn parse_object(
+    obj: serde_json::Map<String, serde_json::Value>,
+) -> Result<Incoming, Rejection> {
+    let id = id_of(&obj);
     let is_control = obj.contains_key("op");
+    let value = serde_json::Value::Object(obj);
     let parsed = if is_control {
         Control::deserialize(&value).map(Incoming::Control)
     } else {
         Request::deserialize(&value).map(|r| Incoming::Request(Box::new(r)))
     };
-    parsed.map_err(|e| reject(id, ErrorCode::InvalidRequest, e.to_string()))
+    parsed.map_err(|e| Rejection {
+        id,
+        error: ApiError::new(ErrorCode::InvalidRequest, e.to_string()),
+    })
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -436,7 +466,12 @@ pub struct Health {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Event {
-    Token { text: String },
+    /// A streamed piece of the reply; `index` counts the pieces from 0, so
+    /// a client of an at-least-once transport (MQTT) can drop duplicates.
+    Token {
+        index: usize,
+        text: String,
+    },
     Done(Box<Done>),
     Error(ApiError),
     Health(Box<Health>),
@@ -460,10 +495,14 @@ struct Line<'a> {
     event: &'a Event,
 }
 
+/// One reply as a JSON document (an MQTT message).
+pub fn reply_json(id: Option<&Id>, event: &Event) -> Vec<u8> {
+    serde_json::to_vec(&Line { id, event }).expect("replies contain only serialisable data")
+}
+
 /// One reply line, newline included.
 pub fn reply_line(id: Option<&Id>, event: &Event) -> Vec<u8> {
-    let mut out =
-        serde_json::to_vec(&Line { id, event }).expect("replies contain only serialisable data");
+    let mut out = reply_json(id, event);
     out.push(b'\n');
     out
 }
@@ -621,6 +660,7 @@ mod tests {
         let line = reply_line(
             Some(&Id::Text("q".into())),
             &Event::Token {
+                index: 3,
                 text: "a\nb".into(),
             },
         );
@@ -629,7 +669,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"id": "q", "event": "token", "text": "a\nb"})
+            serde_json::json!({"id": "q", "event": "token", "index": 3, "text": "a\nb"})
         );
         let v: serde_json::Value =
             serde_json::from_slice(&reply_line(None, &Event::error(ErrorCode::Busy, "full")))

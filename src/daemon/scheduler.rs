@@ -428,6 +428,7 @@ fn run(shared: &Shared, model: &Model, session: &mut Session, job: &mut Job) {
     }
     let queued = started - job.arrived;
     let mut last_expiry_check = started;
+    let mut pieces = 0usize;
     let (sink, cancel, deadline, stream) = (&mut job.sink, &job.cancel, job.deadline, job.stream);
     let result = generate::generate(
         model,
@@ -448,12 +449,14 @@ fn run(shared: &Shared, model: &Model, session: &mut Session, job: &mut Job) {
             }
             if stream
                 && !sink.send(Event::Token {
+                    index: pieces,
                     text: piece.to_string(),
                 })
             {
                 cancel.store(true, Ordering::SeqCst);
                 return Flow::Cancel;
             }
+            pieces += 1;
             Flow::Continue
         },
     );

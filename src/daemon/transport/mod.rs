@@ -2,4 +2,5 @@
 //! replies and owns its connections; queueing and inference are the
 //! scheduler's, shared by every transport.
 
+pub mod mqtt;
 pub mod unix;

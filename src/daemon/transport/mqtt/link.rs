@@ -1,0 +1,293 @@
+//! The broker connection, one shape for both protocol versions: rumqttc has
+//! separate clients for MQTT 5 and 3.1.1, and the transport above only needs
+//! to publish, subscribe and see a few kinds of events.
+
+use super::settings::{Protocol, Settings};
+use rumqttc::v5::mqttbytes::v5 as p5;
+use std::time::Duration;
+
+/// A message to publish.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// MQTT 5 Correlation Data (ignored by 3.1.1).
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// A message received on a subscription.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// Set when the broker delivers a stored retained message.
+    pub retain: bool,
+    /// MQTT 5 Response Topic, as sent (not yet validated).
+    pub response_topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// What the transport needs to know of the connection's progress.
+pub enum LinkEvent {
+    Connected {
+        session_present: bool,
+    },
+    Received(Received),
+    /// A publish went out with this packet id (0 for QoS 0).
+    Published(u16),
+    /// The broker confirmed the publish with this packet id.
+    Confirmed(u16),
+    /// Our DISCONNECT went out.
+    Disconnected,
+    Other,
+}
+
+pub enum Client {
+    V5(rumqttc::v5::Client),
+    V4(rumqttc::Client),
+}
+
+pub enum Connection {
+    V5(Box<rumqttc::v5::Connection>),
+    V4(Box<rumqttc::Connection>),
+}
+
+/// Requests that may wait in rumqttc's channel; more wait in our outbox,
+/// which is where the bound and the accounting are.
+const CHANNEL: usize = 64;
+/// Room for the topic and properties beyond the payload limit.
+const HEADROOM: usize = 64 * 1024;
+/// MQTT's largest packet. A 3.1.1 client cannot ask the broker for less, and
+/// a packet over rumqttc's limit would drop the connection, after which the
+/// broker redelivers the same packet: so 3.1.1 reads anything, and the
+/// transport refuses what is over the payload limit.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// The client and its connection, not connected yet: the connection
+/// connects when first polled.
+pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
+    let keep_alive = Duration::from_secs(s.keep_alive_s.max(5));
+    match s.protocol {
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.host, s.port);
+            o.set_keep_alive(keep_alive)
+                .set_clean_start(s.session_expiry_s == 0)
+                .set_connection_timeout(10)
+                // The broker drops what we could not read instead of
+                // sending it and cutting the connection.
+                .set_max_packet_size(Some((s.max_payload + HEADROOM).min(MQTT_MAX_PACKET) as u32))
+                .set_last_will(p5::LastWill::new(
+                    will.topic,
+                    will.payload,
+                    qos5(s.qos),
+                    will.retain,
+                    None,
+                ));
+            if s.session_expiry_s > 0 {
+                o.set_session_expiry_interval(Some(s.session_expiry_s));
+            }
+            if let Some(user) = &s.username {
+                o.set_credentials(user, s.password.as_deref().unwrap_or(""));
+            }
+            if let Some(tls) = &s.tls {
+                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            }
+            let (c, conn) = rumqttc::v5::Client::new(o, CHANNEL);
+            (Client::V5(c), Connection::V5(Box::new(conn)))
+        }
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
+            o.set_keep_alive(keep_alive)
+                .set_clean_session(s.session_expiry_s == 0)
+                .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET)
+                .set_last_will(rumqttc::LastWill::new(
+                    will.topic,
+                    will.payload,
+                    qos4(s.qos),
+                    will.retain,
+                ));
+            if let Some(user) = &s.username {
+                o.set_credentials(user, s.password.as_deref().unwrap_or(""));
+            }
+            if let Some(tls) = &s.tls {
+                o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            }
+            let (c, conn) = rumqttc::Client::new(o, CHANNEL);
+            (Client::V4(c), Connection::V4(Box::new(conn)))
+        }
+    }
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    use rumqttc::v5::mqttbytes::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    use rumqttc::QoS;
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    /// Hands a message to the connection; blocks while its channel is full.
+    /// Fails only when the connection is gone for good.
+    pub fn publish(&self, m: Message, qos: u8) -> Result<(), String> {
+        match self {
+            Client::V5(c) => {
+                let props = m.correlation.map(|d| p5::PublishProperties {
+                    correlation_data: Some(d.into()),
+                    ..Default::default()
+                });
+                match props {
+                    Some(p) => {
+                        c.publish_with_properties(m.topic, qos5(qos), m.retain, m.payload, p)
+                    }
+                    None => c.publish(m.topic, qos5(qos), m.retain, m.payload),
+                }
+                .map_err(|e| e.to_string())
+            }
+            Client::V4(c) => c
+                .publish(m.topic, qos4(qos), m.retain, m.payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn subscribe(&self, topic: &str, qos: u8) -> Result<(), String> {
+        match self {
+            Client::V5(c) => c.try_subscribe(topic, qos5(qos)).map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_subscribe(topic, qos4(qos)).map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
+}
+
+/// Why a connection attempt or a connection failed, in words for the log.
+pub struct LinkError {
+    pub message: String,
+}
+
+impl Connection {
+    /// Drives the connection until its next event; connects (again) when
+    /// not connected. `None`: every client handle is gone.
+    pub fn next(&mut self) -> Option<Result<LinkEvent, LinkError>> {
+        match self {
+            Connection::V5(c) => match c.recv().ok()? {
+                Ok(ev) => Some(Ok(event5(ev))),
+                Err(e) => Some(Err(LinkError {
+                    message: error5(&e),
+                })),
+            },
+            Connection::V4(c) => match c.recv().ok()? {
+                Ok(ev) => Some(Ok(event4(ev))),
+                Err(e) => Some(Err(LinkError {
+                    message: error4(&e),
+                })),
+            },
+        }
+    }
+}
+
+fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
+    use rumqttc::v5::{Event, Incoming};
+    use rumqttc::Outgoing;
+    match ev {
+        Event::Incoming(Incoming::ConnAck(a)) => LinkEvent::Connected {
+            session_present: a.session_present,
+        },
+        Event::Incoming(Incoming::Publish(p)) => {
+            let (response_topic, correlation) = match p.properties {
+                Some(props) => (
+                    props.response_topic,
+                    props.correlation_data.map(|d| d.to_vec()),
+                ),
+                None => (None, None),
+            };
+            LinkEvent::Received(Received {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                retain: p.retain,
+                response_topic,
+                correlation,
+            })
+        }
+        Event::Incoming(Incoming::PubAck(a)) => LinkEvent::Confirmed(a.pkid),
+        Event::Incoming(Incoming::PubComp(a)) => LinkEvent::Confirmed(a.pkid),
+        Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Published(pkid),
+        Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        _ => LinkEvent::Other,
+    }
+}
+
+fn event4(ev: rumqttc::Event) -> LinkEvent {
+    use rumqttc::{Event, Incoming, Outgoing};
+    match ev {
+        Event::Incoming(Incoming::ConnAck(a)) => LinkEvent::Connected {
+            session_present: a.session_present,
+        },
+        Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received(Received {
+            topic: p.topic,
+            payload: p.payload.to_vec(),
+            retain: p.retain,
+            response_topic: None,
+            correlation: None,
+        }),
+        Event::Incoming(Incoming::PubAck(a)) => LinkEvent::Confirmed(a.pkid),
+        Event::Incoming(Incoming::PubComp(a)) => LinkEvent::Confirmed(a.pkid),
+        Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Published(pkid),
+        Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        _ => LinkEvent::Other,
+    }
+}
+
+fn error5(e: &rumqttc::v5::ConnectionError) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    use rumqttc::v5::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword) => {
+            "the broker refused the connection: bad user name or password".into()
+        }
+        E::ConnectionRefused(C::NotAuthorized) => {
+            "the broker refused the connection: not authorized".into()
+        }
+        E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+        E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
+        E::Io(io) => format!("connection to the broker failed: {io}"),
+        other => other.to_string(),
+    }
+}
+
+fn error4(e: &rumqttc::ConnectionError) -> String {
+    use rumqttc::ConnectReturnCode as C;
+    use rumqttc::ConnectionError as E;
+    match e {
+        E::ConnectionRefused(C::BadUserNamePassword) => {
+            "the broker refused the connection: bad user name or password".into()
+        }
+        E::ConnectionRefused(C::NotAuthorized) => {
+            "the broker refused the connection: not authorized".into()
+        }
+        E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+        E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
+        E::Io(io) => format!("connection to the broker failed: {io}"),
+        other => other.to_string(),
+    }
+}

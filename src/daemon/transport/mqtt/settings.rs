@@ -1,0 +1,379 @@
+//! `[mqtt]` from the config file, checked and resolved once at start-up:
+//! the URL split, the password read, the TLS configuration built. Every
+//! mistake is reported here, before the daemon loads the model.
+
+use crate::daemon::config::MqttConfig;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    V5,
+    V311,
+}
+
+#[derive(Clone)]
+pub struct Settings {
+    /// As configured, for logs.
+    pub url: String,
+    pub protocol: Protocol,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub client_id: String,
+    pub prefix: String,
+    pub keep_alive_s: u64,
+    pub qos: u8,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub status_interval_s: u64,
+    pub reconnect_max_s: u64,
+    pub connect_attempts: u32,
+    pub max_pending_messages: usize,
+    pub dedup_window_s: u64,
+    /// Seconds the broker keeps the daemon's session (subscription and
+    /// unacknowledged messages) across a disconnection; 0: a clean session.
+    pub session_expiry_s: u32,
+    /// Largest request payload, in bytes.
+    pub max_payload: usize,
+}
+
+/// How long the broker keeps the session of a daemon that lost its
+/// connection: long enough for a broker or network blip, short enough that
+/// requests queued for a daemon that went away are not answered much later.
+const SESSION_EXPIRY_S: u32 = 300;
+
+impl Settings {
+    pub fn resolve(c: &MqttConfig, max_payload: usize) -> Result<Settings, String> {
+        let (tls, host, port) = parse_url(&c.url)?;
+        let protocol = match c.protocol.as_str() {
+            "5" | "5.0" => Protocol::V5,
+            "3.1.1" | "4" => Protocol::V311,
+            other => {
+                return Err(format!(
+                    "protocol must be \"5\" or \"3.1.1\", got '{other}'"
+                ))
+            }
+        };
+        if c.qos > 2 {
+            return Err(format!("qos must be 0, 1 or 2, got {}", c.qos));
+        }
+        let device_id = match &c.device_id {
+            Some(d) => d.clone(),
+            None => hostname()?,
+        };
+        check_topic_level("device_id", &device_id)?;
+        let prefix = c
+            .prefix
+            .clone()
+            .unwrap_or_else(|| format!("crystal/{device_id}"));
+        check_topic_name(&prefix).map_err(|e| format!("prefix '{prefix}': {e}"))?;
+        if prefix.ends_with('/') {
+            return Err(format!("prefix '{prefix}' must not end with '/'"));
+        }
+        let client_id = c
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("crystald-{device_id}"));
+        if client_id.is_empty() || client_id.len() > 65535 {
+            return Err("client_id must be 1 to 65535 bytes".into());
+        }
+        let password = match (&c.password_file, &c.password_env) {
+            (Some(_), Some(_)) => return Err("give password_file or password_env, not both".into()),
+            (Some(f), None) => Some(read_password(f)?),
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                format!("password_env names '{var}', which is not set or not UTF-8")
+            })?),
+            (None, None) => None,
+        };
+        if password.is_some() && c.username.is_none() {
+            return Err("a password needs a username".into());
+        }
+        let tls = if tls {
+            Some(tls_config(c)?)
+        } else {
+            if c.ca_file.is_some() || c.cert_file.is_some() || c.key_file.is_some() {
+                return Err(format!(
+                    "ca_file, cert_file and key_file need an mqtts:// url, got '{}'",
+                    c.url
+                ));
+            }
+            None
+        };
+        for (name, v) in [
+            ("max_pending_messages", c.max_pending_messages as u64),
+            ("status_interval_s", c.status_interval_s),
+            ("reconnect_max_s", c.reconnect_max_s),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(Settings {
+            url: c.url.clone(),
+            protocol,
+            host,
+            port,
+            tls,
+            client_id,
+            prefix,
+            keep_alive_s: c.keep_alive_s,
+            qos: c.qos,
+            username: c.username.clone(),
+            password,
+            status_interval_s: c.status_interval_s,
+            reconnect_max_s: c.reconnect_max_s,
+            connect_attempts: c.connect_attempts,
+            max_pending_messages: c.max_pending_messages,
+            dedup_window_s: c.dedup_window_s,
+            session_expiry_s: SESSION_EXPIRY_S,
+            max_payload,
+        })
+    }
+}
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]`, host possibly `[v6]`.
+fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
+    let bad = |why: &str| format!("url '{url}': {why}");
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(bad("must start with mqtt:// or mqtts://"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '@', '?', '#']) {
+        return Err(bad(
+            "only a host and port are allowed (credentials go in username and password_file)",
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    let port = match port {
+        None => {
+            if tls {
+                8883
+            } else {
+                1883
+            }
+        }
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+    };
+    Ok((tls, host.to_string(), port))
+}
+
+fn hostname() -> Result<String, String> {
+    let h = nix::unistd::gethostname()
+        .map_err(|e| format!("cannot read the hostname for device_id: {e}"))?;
+    h.into_string()
+        .map_err(|_| "the hostname is not UTF-8; set device_id".to_string())
+}
+
+/// A topic name one may publish to: not empty, no wildcards, no NUL, at
+/// most 65535 bytes (MQTT 3.1.1 and 5, section 4.7).
+pub fn check_topic_name(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("a topic must not be empty".into());
+    }
+    if t.len() > 65535 {
+        return Err("a topic is at most 65535 bytes".into());
+    }
+    if t.contains(['+', '#']) {
+        return Err("a topic to publish to must not contain the wildcards '+' or '#'".into());
+    }
+    if t.contains('\0') {
+        return Err("a topic must not contain NUL".into());
+    }
+    Ok(())
+}
+
+fn check_topic_level(what: &str, v: &str) -> Result<(), String> {
+    check_topic_name(v).map_err(|e| format!("{what} '{v}': {e}"))?;
+    if v.contains('/') {
+        return Err(format!("{what} '{v}' must be one topic level (no '/')"));
+    }
+    Ok(())
+}
+
+fn read_password(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read password_file {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(format!("password_file {} is empty", path.display()));
+    }
+    Ok(line.to_string())
+}
+
+fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
+}
+
+fn tls_config(c: &MqttConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match &c.ca_file {
+        Some(path) => {
+            let pem = read_pem("ca_file", path)?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "ca_file {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(
+                    "mqtts:// without ca_file needs the system's CA certificates, and none were found; set ca_file".into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots);
+    let config = match (&c.cert_file, &c.key_file) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let pem = read_pem("cert_file", cert)?;
+            let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("cert_file {}: {e}", cert.display()))?;
+            if chain.is_empty() {
+                return Err(format!(
+                    "cert_file {} holds no PEM certificate",
+                    cert.display()
+                ));
+            }
+            let pem = read_pem("key_file", key)?;
+            let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                .map_err(|e| format!("key_file {}: {e}", key.display()))?
+                .ok_or_else(|| format!("key_file {} holds no PEM private key", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| format!("cert_file/key_file: {e}"))?
+        }
+        _ => return Err("cert_file and key_file must be given together".into()),
+    };
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("mqtt://broker").unwrap(),
+            (false, "broker".into(), 1883)
+        );
+        assert_eq!(
+            parse_url("mqtts://10.0.0.2:8884/").unwrap(),
+            (true, "10.0.0.2".into(), 8884)
+        );
+        assert_eq!(
+            parse_url("mqtt://[::1]:1999").unwrap(),
+            (false, "::1".into(), 1999)
+        );
+        for bad in [
+            "tcp://x",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtt://u:p@h",
+            "mqtt://h/topic",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topics() {
+        assert!(check_topic_name("a/b/c").is_ok());
+        assert!(check_topic_name("$share-free/ok").is_ok());
+        for bad in ["", "a/+/b", "a/#", "x\0y"] {
+            assert!(check_topic_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_topic_level("device_id", "a/b").is_err());
+    }
+
+    #[test]
+    fn settings_defaults_and_mistakes() {
+        let c = MqttConfig {
+            device_id: Some("pi4".into()),
+            ..MqttConfig::default()
+        };
+        let s = Settings::resolve(&c, 1000).unwrap();
+        assert_eq!(
+            (s.prefix.as_str(), s.client_id.as_str()),
+            ("crystal/pi4", "crystald-pi4")
+        );
+        assert_eq!((s.protocol, s.qos, s.port), (Protocol::V5, 1, 1883));
+        let err = |c: MqttConfig| Settings::resolve(&c, 1000).err().unwrap();
+        assert!(err(MqttConfig {
+            protocol: "3".into(),
+            ..c.clone()
+        })
+        .contains("protocol"));
+        assert!(err(MqttConfig {
+            qos: 3,
+            ..c.clone()
+        })
+        .contains("qos"));
+        assert!(err(MqttConfig {
+            prefix: Some("a/#".into()),
+            ..c.clone()
+        })
+        .contains("wildcards"));
+        assert!(err(MqttConfig {
+            password_env: Some("CRYSTALD_TEST_SURELY_UNSET".into()),
+            username: Some("u".into()),
+            ..c.clone()
+        })
+        .contains("CRYSTALD_TEST_SURELY_UNSET"));
+        assert!(err(MqttConfig {
+            password_file: Some("/nonexistent/pw".into()),
+            username: Some("u".into()),
+            ..c.clone()
+        })
+        .contains("/nonexistent/pw"));
+        assert!(err(MqttConfig {
+            ca_file: Some("/tmp/ca.pem".into()),
+            ..c.clone()
+        })
+        .contains("mqtts://"));
+        assert!(err(MqttConfig {
+            url: "mqtts://h".into(),
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..c
+        })
+        .contains("/nonexistent/ca.pem"));
+    }
+}

@@ -1,0 +1,963 @@
+//! `crystald serve --mqtt-url` against a real Mosquitto broker, started by
+//! each test on a free loopback port with a generated configuration.
+//! Clients are rumqttc (MQTT 5 and 3.1.1) and the stock mosquitto_pub and
+//! mosquitto_sub. Every wait is bounded.
+
+mod common;
+
+use common::*;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use serde_json::{json, Value};
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(60);
+const PREFIX: &str = "crystal/test";
+const CTX: &str = "448";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mosquitto() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", &format!("/CN={name}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt));
+    (crt, key)
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    let (ca, ca_key) = make_ca(dir, "test-ca");
+    let key = dir.join("server.key");
+    let csr = dir.join("server.csr");
+    let cert = dir.join("server.crt");
+    let ext = dir.join("server.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    Pki { ca, cert, key }
+}
+
+struct Broker {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Broker {
+    /// Anonymous, plain TCP, with persistence so that sessions survive a
+    /// restart.
+    fn start() -> Broker {
+        Self::with_listener(|_, port| format!("listener {port} 127.0.0.1\nallow_anonymous true\n"))
+    }
+
+    /// TLS with the test PKI, and user `crystal` with password `s3cret`.
+    fn start_tls() -> (Broker, Pki) {
+        let mut pki = None;
+        let b = Self::with_listener(|dir, port| {
+            let p = make_pki(dir);
+            let pw = dir.join("passwd");
+            std::fs::write(&pw, "").unwrap();
+            run(Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg(&pw)
+                .args(["crystal", "s3cret"]));
+            let conf = format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\n",
+                pw.display(),
+                p.ca.display(),
+                p.cert.display(),
+                p.key.display()
+            );
+            pki = Some(p);
+            conf
+        });
+        (b, pki.unwrap())
+    }
+
+    fn with_listener(listener: impl FnOnce(&Path, u16) -> String) -> Broker {
+        let dir = temp_dir();
+        let port = free_port();
+        // Started as root, mosquitto would switch to its own user, which
+        // cannot read this test's files.
+        let user = if nix::unistd::geteuid().is_root() {
+            "user root\n"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}{}persistence true\npersistence_location {}/\nlog_dest file {}\n",
+            listener(dir.path(), port),
+            dir.path().display(),
+            dir.path().join("broker.log").display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut b = Broker {
+            child: None,
+            dir,
+            port,
+        };
+        b.launch();
+        b
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(mosquitto())
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let until = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < until,
+                "mosquitto did not start ({exited:?}): {}",
+                std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A clean stop (SIGTERM), so the broker saves its sessions.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(c: &Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
+}
+
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts `crystald serve` with `[mqtt]` settings `mqtt` (TOML lines)
+    /// and top-level settings `top`; does not wait.
+    fn spawn(url: &str, mqtt: &str, top: &str) -> Daemon {
+        let dir = temp_dir();
+        let cfg = dir.path().join("crystald.toml");
+        std::fs::write(
+            &cfg,
+            format!("{top}\n[mqtt]\ndevice_id = \"test\"\nstatus_interval_s = 1\n{mqtt}\n"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_crystald"))
+            .args([
+                "serve",
+                "--threads",
+                "1",
+                "--ctx",
+                CTX,
+                "--log-level",
+                "debug",
+            ])
+            .arg("--model")
+            .arg(converted("tiny-a", "q4_0"))
+            .arg("--socket")
+            .arg(dir.path().join("sock"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--mqtt-url", url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Daemon { child, dir }
+    }
+
+    /// Starts the daemon and waits until it is connected to the broker.
+    fn start(url: &str, mqtt: &str, top: &str) -> Daemon {
+        let d = Self::spawn(url, mqtt, top);
+        d.wait_log("mqtt: connected");
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn wait_log(&self, what: &str) -> String {
+        let until = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if log.contains(what) {
+                return log;
+            }
+            assert!(Instant::now() < until, "log never said {what:?}: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let until = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < until,
+                "daemon did not exit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// One request over the Unix socket, for comparing transports.
+    fn ask_socket(&self, req: &Value) -> Value {
+        let mut s = UnixStream::connect(self.dir.path().join("sock")).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["event"] != "token" {
+                return v;
+            }
+        }
+    }
+}
+
+/// A message a test client received.
+#[derive(Debug)]
+struct Got {
+    topic: String,
+    body: Value,
+    raw: Vec<u8>,
+    correlation: Option<Vec<u8>>,
+    retain: bool,
+}
+
+enum Handle {
+    V5(rumqttc::v5::Client),
+    V4(rumqttc::Client),
+}
+
+/// A test client that (re)subscribes to `topics` on every connection and
+/// hands over what it receives.
+struct Peer {
+    handle: Handle,
+    rx: mpsc::Receiver<Got>,
+}
+
+impl Peer {
+    /// An MQTT 5 client; `persistent` keeps its session across reconnections.
+    fn v5(port: u16, name: &str, topics: &[&str], persistent: bool) -> Peer {
+        use rumqttc::v5::{mqttbytes::QoS, Client, Event, Incoming, MqttOptions};
+        let mut o = MqttOptions::new(name, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(Some(1 << 20))
+            .set_clean_start(!persistent);
+        if persistent {
+            o.set_session_expiry_interval(Some(600));
+        }
+        let (client, mut conn) = Client::new(o, 64);
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sub = client.clone();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        for t in &topics {
+                            sub.try_subscribe(t.as_str(), QoS::AtLeastOnce).unwrap();
+                        }
+                        if topics.is_empty() {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let got = Got {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                            raw: p.payload.to_vec(),
+                            correlation: p
+                                .properties
+                                .and_then(|pr| pr.correlation_data.map(|d| d.to_vec())),
+                            retain: p.retain,
+                        };
+                        if tx.send(got).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(WAIT).expect("test client subscribed");
+        Peer {
+            handle: Handle::V5(client),
+            rx,
+        }
+    }
+
+    /// An MQTT 3.1.1 client.
+    fn v4(port: u16, name: &str, topics: &[&str]) -> Peer {
+        use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
+        let mut o = MqttOptions::new(name, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = Client::new(o, 64);
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sub = client.clone();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        for t in &topics {
+                            sub.try_subscribe(t.as_str(), QoS::AtLeastOnce).unwrap();
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let got = Got {
+                            topic: p.topic.clone(),
+                            body: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                            raw: p.payload.to_vec(),
+                            correlation: None,
+                            retain: p.retain,
+                        };
+                        if tx.send(got).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(WAIT).expect("test client subscribed");
+        Peer {
+            handle: Handle::V4(client),
+            rx,
+        }
+    }
+
+    fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.publish_with(topic, payload.into(), None, false)
+    }
+
+    /// Publishes at QoS 1; `response` is an MQTT 5 response topic and
+    /// correlation data.
+    fn publish_with(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        response: Option<(&str, &[u8])>,
+        retain: bool,
+    ) {
+        match &self.handle {
+            Handle::V5(c) => {
+                use rumqttc::v5::mqttbytes::QoS;
+                match response {
+                    Some((t, corr)) => {
+                        let props = PublishProperties {
+                            response_topic: Some(t.to_string()),
+                            correlation_data: Some(corr.to_vec().into()),
+                            ..Default::default()
+                        };
+                        c.publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, props)
+                    }
+                    None => c.publish(topic, QoS::AtLeastOnce, retain, payload),
+                }
+                .unwrap()
+            }
+            Handle::V4(c) => c
+                .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .unwrap(),
+        }
+    }
+
+    fn recv(&self) -> Got {
+        self.rx
+            .recv_timeout(WAIT)
+            .expect("no message within the time limit")
+    }
+
+    /// Receives until a final event (done or error); returns the streamed
+    /// token events and the final one.
+    fn finish(&self) -> (Vec<Value>, Got) {
+        let mut tokens = Vec::new();
+        loop {
+            let g = self.recv();
+            if g.body["event"] == "token" {
+                tokens.push(g.body);
+            } else {
+                return (tokens, g);
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for `d`.
+    fn quiet_for(&self, d: Duration) {
+        if let Ok(g) = self.rx.recv_timeout(d) {
+            panic!("unexpected message: {g:?}");
+        }
+    }
+}
+
+fn request_topic() -> String {
+    format!("{PREFIX}/request")
+}
+
+fn greedy(id: Value, prompt: &str, max_tokens: u64) -> Value {
+    json!({"id": id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[test]
+fn v5_reply_goes_to_the_response_topic_with_the_correlation_data() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.url(), "", "");
+    let c = Peer::v5(broker.port, "app-v5", &["app/replies"], false);
+    let req = greedy(json!("a"), "Once upon a time", 6);
+    c.publish_with(
+        &request_topic(),
+        req.to_string().into_bytes(),
+        Some(("app/replies", b"corr-\x00\xff")),
+        false,
+    );
+    let (tokens, done) = c.finish();
+    assert!(tokens.is_empty());
+    assert_eq!(done.topic, "app/replies");
+    assert_eq!(done.correlation.as_deref(), Some(&b"corr-\x00\xff"[..]));
+    assert_eq!(done.body["event"], "done", "{:?}", done.body);
+    assert_eq!(done.body["id"], "a");
+    assert_eq!(done.body["usage"]["completion_tokens"], 6);
+    // The same request over the Unix socket gets the same reply.
+    let unix = d.ask_socket(&req);
+    assert_eq!(unix["text"], done.body["text"]);
+}
+
+#[test]
+fn v311_reply_goes_to_reply_to_or_the_default_topic() {
+    let broker = Broker::start();
+    let _d = Daemon::start(&broker.url(), "protocol = \"3.1.1\"", "");
+    let c = Peer::v4(
+        broker.port,
+        "app-v4",
+        &["legacy/answers", &format!("{PREFIX}/response/+")],
+    );
+    let mut req = greedy(json!(1), "Hello", 4);
+    req["reply_to"] = json!("legacy/answers");
+    c.publish(&request_topic(), req.to_string());
+    let (_, done) = c.finish();
+    assert_eq!(done.topic, "legacy/answers");
+    assert_eq!(
+        (&done.body["event"], &done.body["id"]),
+        (&json!("done"), &json!(1))
+    );
+    c.publish(
+        &request_topic(),
+        greedy(json!("b-2"), "Hello", 4).to_string(),
+    );
+    let (_, done) = c.finish();
+    assert_eq!(done.topic, format!("{PREFIX}/response/b-2"));
+    assert_eq!(done.body["event"], "done");
+}
+
+#[test]
+fn streamed_tokens_arrive_in_order_before_done() {
+    let broker = Broker::start();
+    let _d = Daemon::start(&broker.url(), "", "");
+    let c = Peer::v5(broker.port, "streamer", &["app/stream"], false);
+    let mut req = greedy(json!("s"), "The", 40);
+    req["stream"] = json!(true);
+    req["reply_to"] = json!("app/stream");
+    c.publish(&request_topic(), req.to_string());
+    let (tokens, done) = c.finish();
+    assert_eq!(done.body["event"], "done");
+    let n = done.body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert!(
+        n > 0 && tokens.len() <= n,
+        "{} tokens for {n}",
+        tokens.len()
+    );
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t["index"], i, "out of order: {tokens:?}");
+        assert_eq!(t["id"], "s");
+    }
+    let text: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(text, done.body["text"].as_str().unwrap());
+}
+
+#[test]
+fn concurrent_clients_get_their_own_answers_once() {
+    let broker = Broker::start();
+    let _d = Daemon::start(&broker.url(), "", "queue_size = 16");
+    let handles: Vec<_> = (0..3)
+        .map(|k| {
+            let port = broker.port;
+            std::thread::spawn(move || {
+                let topic = format!("client{k}/inbox");
+                let c = Peer::v5(port, &format!("client{k}"), &[&topic], false);
+                for j in 0..3 {
+                    let mut req = greedy(json!(format!("{k}-{j}")), "Say", 5);
+                    req["reply_to"] = json!(topic);
+                    req["stream"] = json!(j == 1);
+                    c.publish(&request_topic(), req.to_string());
+                }
+                let mut got = BTreeSet::new();
+                while got.len() < 3 {
+                    let (_, fin) = c.finish();
+                    assert_eq!(fin.topic, topic);
+                    assert_eq!(fin.body["event"], "done", "{:?}", fin.body);
+                    let id = fin.body["id"].as_str().unwrap().to_string();
+                    assert!(id.starts_with(&format!("{k}-")), "crosstalk: {id}");
+                    assert!(got.insert(id.clone()), "{id} answered twice");
+                }
+                c.quiet_for(Duration::from_millis(500));
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn a_redelivered_request_is_answered_once() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.url(), "", "");
+    let c = Peer::v5(broker.port, "dup", &["dup/inbox"], false);
+    let mut req = greedy(json!("same"), "Hi", 3);
+    req["reply_to"] = json!("dup/inbox");
+    c.publish(&request_topic(), req.to_string());
+    c.publish(&request_topic(), req.to_string());
+    let (_, done) = c.finish();
+    assert_eq!(done.body["event"], "done");
+    c.publish(&request_topic(), req.to_string());
+    c.quiet_for(Duration::from_secs(1));
+    d.wait_log("delivered again");
+    // A new id is a new request.
+    req["id"] = json!("other");
+    c.publish(&request_topic(), req.to_string());
+    assert_eq!(c.finish().1.body["id"], "other");
+}
+
+#[test]
+fn mosquitto_pub_and_sub_exchange() {
+    let broker = Broker::start();
+    let _d = Daemon::start(&broker.url(), "", "");
+    let port = broker.port.to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "60",
+        ])
+        .args(["-t", &format!("{PREFIX}/response/+")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    // mosquitto_sub gives no sign when it has subscribed: publish until it
+    // has an answer, each time with a new id.
+    let mut sent = 0;
+    let (tx, rx) = mpsc::channel();
+    let stdout = sub.stdout.unwrap();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let _ = tx.send(line);
+    });
+    let line = loop {
+        sent += 1;
+        assert!(sent < 30, "no answer through mosquitto_sub");
+        let msg = format!(r#"{{"id": "cli-{sent}", "prompt": "Hi", "max_tokens": 3}}"#);
+        run(Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1"])
+            .args(["-t", &request_topic(), "-m", &msg]));
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+            break line;
+        }
+    };
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["event"], "done", "{line}");
+    assert!(v["id"].as_str().unwrap().starts_with("cli-"));
+}
+
+fn status(port: u16) -> Value {
+    let c = Peer::v5(port, "watcher", &[&format!("{PREFIX}/status")], false);
+    let g = c.recv();
+    assert!(g.retain, "the status is retained");
+    g.body
+}
+
+#[test]
+fn status_is_retained_online_then_offline_on_stop() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(&broker.url(), "", "");
+    let s = status(broker.port);
+    assert_eq!(s["state"], "online", "{s}");
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"));
+    assert!(s["model"].is_string() && s["queue_depth"] == 0, "{s}");
+    signal(&d.child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(), 0, "{}", d.log());
+    let s = status(broker.port);
+    assert_eq!(
+        (&s["state"], &s["reason"]),
+        (&json!("offline"), &json!("stopped"))
+    );
+}
+
+#[test]
+fn last_will_marks_the_daemon_offline_when_killed() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(&broker.url(), "", "");
+    assert_eq!(status(broker.port)["state"], "online");
+    signal(&d.child, nix::sys::signal::Signal::SIGKILL);
+    d.wait_exit();
+    let until = Instant::now() + WAIT;
+    loop {
+        let s = status(broker.port);
+        if s["state"] == "offline" {
+            assert_eq!(s["reason"], "connection lost");
+            break;
+        }
+        assert!(Instant::now() < until, "status stayed {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_broker_restart_during_a_stream_loses_nothing() {
+    let mut broker = Broker::start();
+    let d = Daemon::start(&broker.url(), "", "");
+    let c = Peer::v5(broker.port, "patient", &["app/long"], true);
+    let mut req = greedy(json!("long"), "Tell me", 400);
+    req["stream"] = json!(true);
+    req["reply_to"] = json!("app/long");
+    c.publish(&request_topic(), req.to_string());
+    let first = c.recv();
+    assert_eq!(first.body["event"], "token", "{:?}", first.body);
+    broker.stop();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.launch();
+    // What the README promises: the daemon reconnects, the reply finishes,
+    // every token event arrives at least once and in order of first arrival.
+    let mut tokens = vec![first.body];
+    let (more, done) = c.finish();
+    tokens.extend(more);
+    assert_eq!(done.body["event"], "done", "{:?}", done.body);
+    let n = done.body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let mut text: Vec<Option<String>> = vec![None; n];
+    let mut next = 0;
+    for t in &tokens {
+        let i = t["index"].as_u64().unwrap() as usize;
+        let piece = t["text"].as_str().unwrap().to_string();
+        match &text[i] {
+            Some(p) => assert_eq!(p, &piece, "a duplicate differs"),
+            None => {
+                assert_eq!(i, next, "token {i} arrived before {next}");
+                text[i] = Some(piece);
+                next += 1;
+            }
+        }
+    }
+    let joined: String = text.iter().map_while(|p| p.clone()).collect();
+    assert_eq!(joined, done.body["text"].as_str().unwrap());
+    d.wait_log("mqtt: reconnected");
+}
+
+#[test]
+fn tls_with_a_password_works_and_bad_credentials_or_certificates_are_clear_errors() {
+    let (broker, pki) = Broker::start_tls();
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let dir = broker.dir.path();
+    std::fs::write(dir.join("pw-good"), "s3cret\n").unwrap();
+    std::fs::write(dir.join("pw-bad"), "guess\n").unwrap();
+    let settings = |pw: &str, ca: &Path, attempts: u32| {
+        format!(
+            "username = \"crystal\"\npassword_file = \"{}\"\nca_file = \"{}\"\n\
+             connect_attempts = {attempts}\nreconnect_max_s = 1\n",
+            dir.join(pw).display(),
+            ca.display()
+        )
+    };
+    {
+        let d = Daemon::start(&url, &settings("pw-good", &pki.ca, 0), "");
+        // A client through the same TLS listener, by mosquitto's own tools.
+        let out = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-u", "crystal", "-P", "s3cret", "--cafile"])
+            .arg(&pki.ca)
+            .args(["-t", &format!("{PREFIX}/status"), "-C", "1", "-W", "30"])
+            .output()
+            .unwrap();
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        assert_eq!(
+            s["state"],
+            "online",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!d.log().contains("s3cret"), "the password is logged");
+    }
+    // A wrong password: a clear error, and with connect_attempts the daemon
+    // gives up with a failure status instead of retrying forever.
+    let mut d = Daemon::spawn(&url, &settings("pw-bad", &pki.ca, 2), "");
+    assert_ne!(d.wait_exit(), 0);
+    let log = d.log();
+    assert!(
+        log.contains("not authorized") || log.contains("bad user name or password"),
+        "{log}"
+    );
+    assert!(log.contains("giving up after 2"), "{log}");
+    // A server certificate from a CA we do not trust.
+    let (other_ca, _) = make_ca(dir, "other-ca");
+    let mut d = Daemon::spawn(&url, &settings("pw-good", &other_ca, 2), "");
+    assert_ne!(d.wait_exit(), 0);
+    let log = d.log();
+    assert!(log.contains("TLS"), "{log}");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    // By default the daemon keeps retrying and keeps serving the socket.
+    let d = Daemon::spawn(&url, &settings("pw-bad", &pki.ca, 0), "");
+    d.wait_log("cannot connect");
+    d.wait_log("ready: serving");
+    let reply = d.ask_socket(&json!({"op": "health", "id": 1}));
+    assert_eq!(reply["event"], "health");
+}
+
+#[test]
+fn bad_messages_get_errors_on_the_right_topic_and_the_daemon_keeps_serving() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.url(), "", "max_line_bytes = 2048");
+    let err_topic = format!("{PREFIX}/error");
+    let c = Peer::v5(
+        broker.port,
+        "hostile",
+        &[
+            err_topic.as_str(),
+            "bad/replies",
+            &format!("{PREFIX}/response/+"),
+        ],
+        false,
+    );
+    let rt = request_topic();
+    let expect = |topic: &str, code: &str| -> Got {
+        let g = c.recv();
+        assert_eq!(g.topic, topic, "{:?}", g.body);
+        assert_eq!(g.body["event"], "error", "{:?}", g.body);
+        assert_eq!(g.body["code"], code, "{:?}", g.body);
+        g
+    };
+    // Not JSON: to the MQTT 5 response topic when there is one, else the error topic.
+    c.publish_with(&rt, b"{nope".to_vec(), Some(("bad/replies", b"k1")), false);
+    let g = expect("bad/replies", "invalid_json");
+    assert_eq!(g.correlation.as_deref(), Some(&b"k1"[..]));
+    c.publish(&rt, "{nope");
+    expect(&err_topic, "invalid_json");
+    c.publish(&rt, b"\xff\xfe{}".to_vec());
+    expect(&err_topic, "invalid_utf8");
+    c.publish(&rt, "[1, 2]");
+    expect(&err_topic, "invalid_json");
+    // Over the size limit.
+    let big = json!({"id": "big", "prompt": "x".repeat(4000), "reply_to": "bad/replies"});
+    c.publish(&rt, big.to_string());
+    expect(&err_topic, "payload_too_large");
+    // No id: the error goes to reply_to when given, else to the error topic.
+    c.publish(&rt, r#"{"prompt": "hi", "reply_to": "bad/replies"}"#);
+    let g = expect("bad/replies", "invalid_request");
+    assert!(
+        g.body["message"].as_str().unwrap().contains("id"),
+        "{:?}",
+        g.body
+    );
+    c.publish(&rt, r#"{"prompt": "hi"}"#);
+    expect(&err_topic, "invalid_request");
+    // reply_to that cannot be published to.
+    for bad in [json!("a/+/b"), json!("x/#"), json!(""), json!(7)] {
+        let req = json!({"id": "r", "prompt": "hi", "reply_to": bad});
+        c.publish(&rt, req.to_string());
+        let g = expect(&err_topic, "invalid_request");
+        assert_eq!(g.body["id"], "r");
+        assert!(
+            g.body["message"].as_str().unwrap().contains("reply_to"),
+            "{:?}",
+            g.body
+        );
+    }
+    // An id that cannot be a topic level and no reply_to.
+    c.publish(&rt, r#"{"id": "a/b", "prompt": "hi"}"#);
+    expect(&err_topic, "invalid_request");
+    // An invalid field still answers on the request's own topic.
+    c.publish(&rt, r#"{"id": "t", "prompt": "hi", "temperature": "hot"}"#);
+    expect(&format!("{PREFIX}/response/t"), "invalid_request");
+    // A flood beyond the queue: every request gets exactly one final event.
+    let ids: Vec<String> = (0..12).map(|i| format!("f{i}")).collect();
+    for id in &ids {
+        c.publish(&rt, greedy(json!(id), "Go", 200).to_string());
+    }
+    let mut finals: HashMap<String, String> = HashMap::new();
+    while finals.len() < ids.len() {
+        let g = c.recv();
+        let id = g.body["id"].as_str().unwrap_or_default().to_string();
+        let ev = g.body["event"].as_str().unwrap().to_string();
+        assert!(ids.contains(&id), "{:?}", g.body);
+        if ev != "token" {
+            let code = g.body["code"].as_str().unwrap_or(&ev).to_string();
+            assert!(finals.insert(id, code).is_none(), "two final events");
+        }
+    }
+    let busy = finals.values().filter(|c| *c == "busy").count();
+    assert!(
+        busy > 0 && finals.values().any(|c| c == "done"),
+        "{finals:?}"
+    );
+    c.quiet_for(Duration::from_millis(500));
+    // Still serving.
+    d.ask_socket(&json!({"op": "health", "id": 1}));
+    c.publish(&rt, greedy(json!("after"), "Hi", 2).to_string());
+    assert_eq!(c.finish().1.body["event"], "done");
+}
+
+#[test]
+fn a_retained_request_from_before_the_daemon_is_reported_and_cleared_not_answered() {
+    let broker = Broker::start();
+    let c = Peer::v5(
+        broker.port,
+        "oldtimer",
+        &[&format!("{PREFIX}/error"), &format!("{PREFIX}/response/+")],
+        false,
+    );
+    c.publish_with(
+        &request_topic(),
+        greedy(json!("ancient"), "Hi", 2).to_string().into_bytes(),
+        None,
+        true,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // The live copy is delivered to the subscriber above only if it
+    // subscribed to the request topic, which it did not.
+    let _d = Daemon::start(&broker.url(), "", "");
+    let g = c.recv();
+    assert_eq!(g.topic, format!("{PREFIX}/error"));
+    assert_eq!(
+        (&g.body["code"], &g.body["id"]),
+        (&json!("stale_request"), &json!("ancient"))
+    );
+    c.quiet_for(Duration::from_secs(1));
+    // The broker no longer holds it.
+    let probe = Peer::v5(broker.port, "probe", &[&request_topic()], false);
+    if let Ok(g) = probe.rx.recv_timeout(Duration::from_secs(1)) {
+        assert!(g.raw.is_empty(), "still retained: {:?}", g.body);
+    }
+}
