@@ -108,6 +108,11 @@ for f in "$systemd_dir"/*.toml; do
     install -m 0644 "$f" "$root/etc/crystald/"
     confs+=("/etc/crystald/$(basename "$f")")
 done
+# Optional drop-ins (the MQTT one) ship as examples, not active.
+for f in "$systemd_dir"/*-*.conf; do
+    install -d -m 0755 "$root/usr/share/doc/$pkg/examples"
+    install -m 0644 "$f" "$root/usr/share/doc/$pkg/examples/"
+done
 shopt -u nullglob
 
 cat >"$root/usr/share/doc/$pkg/copyright" <<'EOF'

@@ -651,7 +651,7 @@ fn mosquitto_pub_and_sub_exchange() {
     let broker = Broker::start();
     let _d = Daemon::start(&broker.url(), "", "");
     let port = broker.port.to_string();
-    let sub = Command::new("mosquitto_sub")
+    let mut sub = Command::new("mosquitto_sub")
         .args([
             "-h",
             "127.0.0.1",
@@ -672,7 +672,7 @@ fn mosquitto_pub_and_sub_exchange() {
     // has an answer, each time with a new id.
     let mut sent = 0;
     let (tx, rx) = mpsc::channel();
-    let stdout = sub.stdout.unwrap();
+    let stdout = sub.stdout.take().unwrap();
     std::thread::spawn(move || {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -689,6 +689,7 @@ fn mosquitto_pub_and_sub_exchange() {
             break line;
         }
     };
+    assert!(sub.wait().unwrap().success(), "mosquitto_sub failed");
     let v: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["event"], "done", "{line}");
     assert!(v["id"].as_str().unwrap().starts_with("cli-"));

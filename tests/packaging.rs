@@ -73,6 +73,7 @@ fn amd64_package_holds_binaries_units_and_conffiles() {
         "./lib/systemd/system/crystald.socket",
         "./etc/crystald/crystald.toml",
         "./usr/share/doc/crystald/copyright",
+        "./usr/share/doc/crystald/examples/crystald-mqtt.conf",
     ] {
         assert!(files.contains(&want), "{want} missing from:\n{contents}");
     }

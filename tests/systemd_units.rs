@@ -63,6 +63,39 @@ fn units_pass_systemd_analyze_verify_without_warnings() {
 }
 
 #[test]
+fn the_mqtt_drop_in_is_valid_and_opens_only_the_network() {
+    let dir = units_for_test();
+    let dropin = read("crystald-mqtt.conf");
+    // Repeated sections in one file mean what a drop-in means, and verify
+    // then checks every key of the drop-in.
+    let service = dir.path().join("crystald.service");
+    let merged = format!("{}\n{dropin}", std::fs::read_to_string(&service).unwrap());
+    std::fs::write(&service, merged).unwrap();
+    let out = tool("systemd-analyze")
+        .arg("verify")
+        .arg(&service)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+    let keys: Vec<&str> = dropin
+        .lines()
+        .filter(|l| l.contains('=') && !l.starts_with('#'))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "Wants",
+            "After",
+            "PrivateNetwork",
+            "IPAddressDeny",
+            "RestrictAddressFamilies"
+        ]
+    );
+}
+
+#[test]
 fn service_is_hardened() {
     let dir = units_for_test();
     let out = tool("systemd-analyze")
