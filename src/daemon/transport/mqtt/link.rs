@@ -142,26 +142,30 @@ fn qos4(q: u8) -> rumqttc::QoS {
 }
 
 impl Client {
-    /// Hands a message to the connection; blocks while its channel is full.
-    /// Fails only when the connection is gone for good.
-    pub fn publish(&self, m: Message, qos: u8) -> Result<(), String> {
-        match self {
-            Client::V5(c) => {
-                let props = m.correlation.map(|d| p5::PublishProperties {
-                    correlation_data: Some(d.into()),
-                    ..Default::default()
-                });
-                match props {
-                    Some(p) => {
-                        c.publish_with_properties(m.topic, qos5(qos), m.retain, m.payload, p)
-                    }
-                    None => c.publish(m.topic, qos5(qos), m.retain, m.payload),
+    /// Hands a message to the connection without blocking; gives it back
+    /// when the connection's channel is full (or the connection is gone).
+    pub fn try_publish(&self, m: Message, qos: u8) -> Result<(), Message> {
+        let back = m.clone();
+        let taken = match self {
+            Client::V5(c) => match m.correlation {
+                Some(d) => {
+                    let props = p5::PublishProperties {
+                        correlation_data: Some(d.into()),
+                        ..Default::default()
+                    };
+                    c.try_publish_with_properties(m.topic, qos5(qos), m.retain, m.payload, props)
                 }
-                .map_err(|e| e.to_string())
+                None => c.try_publish(m.topic, qos5(qos), m.retain, m.payload),
             }
+            .is_ok(),
             Client::V4(c) => c
-                .publish(m.topic, qos4(qos), m.retain, m.payload)
-                .map_err(|e| e.to_string()),
+                .try_publish(m.topic, qos4(qos), m.retain, m.payload)
+                .is_ok(),
+        };
+        if taken {
+            Ok(())
+        } else {
+            Err(back)
         }
     }
 
@@ -186,6 +190,22 @@ pub struct LinkError {
 }
 
 impl Connection {
+    /// Forgets every request rumqttc holds for the next connection: the
+    /// transport resends what the broker has not confirmed itself, in its
+    /// own order (rumqttc's replay follows packet ids, which wrap).
+    pub fn forget_pending(&mut self) {
+        match self {
+            Connection::V5(c) => {
+                c.eventloop.clean();
+                c.eventloop.pending.clear();
+            }
+            Connection::V4(c) => {
+                c.eventloop.clean();
+                c.eventloop.pending.clear();
+            }
+        }
+    }
+
     /// Drives the connection until its next event; connects (again) when
     /// not connected. `None`: every client handle is gone.
     pub fn next(&mut self) -> Option<Result<LinkEvent, LinkError>> {

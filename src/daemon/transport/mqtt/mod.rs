@@ -15,9 +15,9 @@
 //! Delivery: replies wait in the outbox (bounded by `max_pending_messages`;
 //! token events beyond it are dropped and counted, final events always
 //! kept) and, at QoS 1 and 2, stay there until the broker confirms them.
-//! When a connection comes back without the broker's copy of the session
-//! (a broker restart), unconfirmed replies are published again: at least
-//! once, in order, possibly a duplicate around the reconnection.
+//! When the connection breaks, unconfirmed replies go back to the head of
+//! the outbox and are published again after reconnection: at least once,
+//! in order, possibly a duplicate around the break.
 
 mod link;
 pub mod settings;
@@ -68,6 +68,8 @@ struct Outbox {
     connected: bool,
     /// Token events dropped because the outbox was full.
     dropped: u64,
+    /// Messages put back for resending since the last connection.
+    resend: usize,
     /// Set at the very end of shutdown: the publisher stops.
     finished: bool,
 }
@@ -262,7 +264,7 @@ impl Shared {
                     if self.stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    let was_up = std::mem::replace(&mut lock(&self.outbox).connected, false);
+                    let was_up = self.on_connection_lost(&mut conn);
                     down_since.get_or_insert_with(Instant::now);
                     failures += 1;
                     if was_up {
@@ -300,6 +302,22 @@ impl Shared {
         }
     }
 
+    /// Stops the hand-over, empties the connection's buffers and puts
+    /// every unconfirmed message back at the head of the outbox, in order:
+    /// they go out again, with new packet ids, after reconnection. Returns
+    /// whether the connection had been up.
+    fn on_connection_lost(&self, conn: &mut link::Connection) -> bool {
+        let mut ob = lock(&self.outbox);
+        let was_up = std::mem::replace(&mut ob.connected, false);
+        conn.forget_pending();
+        let back: Vec<_> = ob.unconfirmed.drain(..).collect();
+        ob.resend += back.len();
+        for (_, msg) in back.into_iter().rev() {
+            ob.queue.push_front(Entry { msg, status: false });
+        }
+        was_up
+    }
+
     fn on_connected(&self, session_present: bool, down_since: Option<Instant>) {
         if let Err(e) = self.client.subscribe(&self.topics.request, self.qos()) {
             log_warn!("mqtt: cannot subscribe to {}: {e}", self.topics.request);
@@ -307,23 +325,13 @@ impl Shared {
         let resent = {
             let mut ob = lock(&self.outbox);
             ob.connected = true;
-            if session_present {
-                // The connection resends what the broker had not confirmed.
-                0
-            } else {
-                let back: Vec<_> = ob.unconfirmed.drain(..).collect();
-                let n = back.len();
-                for (_, msg) in back.into_iter().rev() {
-                    ob.queue.push_front(Entry { msg, status: false });
-                }
-                n
-            }
+            std::mem::take(&mut ob.resend)
         };
         self.wake.notify_all();
         match down_since {
             None => log_info!("mqtt: connected to {}", self.s.url),
             Some(t) => log_info!(
-                "mqtt: reconnected to {} after {:.1}s (session {}; {resent} unconfirmed messages resent)",
+                "mqtt: reconnected to {} after {:.1}s (session {}; {resent} unconfirmed messages sent again)",
                 self.s.url,
                 t.elapsed().as_secs_f64(),
                 if session_present { "kept" } else { "new" }
@@ -613,33 +621,46 @@ impl Shared {
         self.wake.notify_all();
     }
 
+    /// Moves messages from the outbox to the connection while it is up.
+    /// The hand-over happens under the outbox lock and never blocks, so the
+    /// link thread, which resets the connection's buffers under the same
+    /// lock, knows exactly which messages the connection holds.
     fn publish_loop(&self) {
+        let mut ob = lock(&self.outbox);
         loop {
-            let msg = {
-                let mut ob = lock(&self.outbox);
-                loop {
-                    if ob.finished && (ob.queue.is_empty() || !ob.connected) {
-                        return;
-                    }
-                    if ob.connected {
-                        if let Some(e) = ob.queue.pop_front() {
-                            if self.qos() > 0 {
-                                ob.unconfirmed.push_back((None, e.msg.clone()));
-                            }
-                            break e.msg;
-                        }
-                    }
-                    ob = self
-                        .wake
-                        .wait_timeout(ob, TICK)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-            };
-            if let Err(e) = self.client.publish(msg, self.qos()) {
-                log_debug!("mqtt: publisher stops: {e}");
+            if ob.finished && (ob.queue.is_empty() || !ob.connected) {
                 return;
             }
+            let mut stalled = false;
+            while ob.connected && !stalled {
+                let Some(e) = ob.queue.pop_front() else { break };
+                let kept = e.msg.clone();
+                match self.client.try_publish(e.msg, self.qos()) {
+                    Ok(()) => {
+                        if self.qos() > 0 {
+                            ob.unconfirmed.push_back((None, kept));
+                        }
+                    }
+                    Err(msg) => {
+                        // The channel is full: wait for the connection to drain it.
+                        ob.queue.push_front(Entry {
+                            msg,
+                            status: e.status,
+                        });
+                        stalled = true;
+                    }
+                }
+            }
+            let wait = if stalled {
+                Duration::from_millis(5)
+            } else {
+                TICK
+            };
+            ob = self
+                .wake
+                .wait_timeout(ob, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
