@@ -2,6 +2,8 @@
 //! and fixture checkpoints converted once per test process.
 #![allow(dead_code)]
 
+pub mod services;
+
 use crystal_quantize::convert::{self, Preset, Progress};
 use crystald::quant::GgmlType;
 use std::collections::HashMap;
