@@ -397,7 +397,7 @@ impl Shared {
             None => None,
         };
         if r.retain {
-            self.on_stale(&r.payload, v5_route);
+            self.on_stale(&r.payload);
             return;
         }
         if r.payload.len() > self.s.max_payload {
@@ -470,7 +470,7 @@ impl Shared {
     /// A retained request was stored by the broker before we subscribed,
     /// perhaps long ago: answering it at every reconnection would repeat
     /// it. It is reported on the error topic and cleared from the broker.
-    fn on_stale(&self, payload: &[u8], v5_route: Option<Route>) {
+    fn on_stale(&self, payload: &[u8]) {
         let id = protocol::parse_json_object(payload)
             .ok()
             .and_then(|o| protocol::id_of(&o));
@@ -481,7 +481,6 @@ impl Shared {
                 .unwrap_or_default(),
             self.topics.request
         );
-        let _ = v5_route;
         self.error_to(
             None,
             id.as_ref(),
