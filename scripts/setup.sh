@@ -19,12 +19,6 @@ if ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activa
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
 fi
-# Fuzzing (scripts/fuzz.sh, a short pass of which scripts/test.sh runs):
-# cargo-fuzz from crates.io, built once into ~/.cargo/bin (kept by a CI
-# cache of ~/.cargo). libFuzzer itself comes with the libfuzzer-sys crate.
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    cargo install --locked --quiet cargo-fuzz --version 0.13.2
-fi
 # ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and
 # libc as linker and sysroot, qemu-user to run the tests, Rust's aarch64
 # std. CRYSTALD_SKIP_CROSS=1 leaves them out (and scripts/test.sh then
@@ -44,5 +38,11 @@ if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
     if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
         rustup target add aarch64-unknown-linux-gnu
     fi
+fi
+# Fuzzing (scripts/fuzz.sh, a short pass of which scripts/test.sh runs):
+# cargo-fuzz from crates.io, built once into ~/.cargo/bin (kept by a CI
+# cache of ~/.cargo). libFuzzer itself comes with the libfuzzer-sys crate.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install --locked --quiet cargo-fuzz --version 0.13.2
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import gguf, importlib.metadata as m; print("gguf", m.version("gguf"))'))"
