@@ -50,4 +50,10 @@ if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
         rustup target add aarch64-unknown-linux-gnu
     fi
 fi
+# Fuzzing (scripts/fuzz.sh, a short pass of which scripts/test.sh runs):
+# cargo-fuzz from crates.io, built once into ~/.cargo/bin (kept by a CI
+# cache of ~/.cargo). libFuzzer itself comes with the libfuzzer-sys crate.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install --locked --quiet cargo-fuzz --version 0.13.2
+fi
 echo "setup: ok ($(.venv/bin/python -c 'import gguf, importlib.metadata as m; print("gguf", m.version("gguf"))'))"

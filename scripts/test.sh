@@ -9,6 +9,14 @@ scripts/setup.sh
 export CRYSTALD_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace --locked "$@"
 
+# A time-boxed fuzz pass of every parser that reads outside data (the long
+# run is `scripts/fuzz.sh 600`). A crash fails the suite.
+if [ "${CRYSTALD_SKIP_FUZZ:-0}" != 1 ]; then
+    fuzz_start=$SECONDS
+    scripts/fuzz.sh "${CRYSTALD_FUZZ_SECONDS:-10}"
+    echo "test.sh: fuzz pass took $((SECONDS - fuzz_start)) s"
+fi
+
 # ARM: release binaries cross-built for aarch64, the kernel and engine tests
 # under qemu on a Cortex-A72 (NEON) and a DotProd CPU, and the packages.
 if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then

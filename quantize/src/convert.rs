@@ -133,6 +133,40 @@ pub fn temp_path_for(output: &Path) -> PathBuf {
     output.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Removes temporary outputs for `output` left by conversions that were
+/// killed outright (SIGKILL, power loss: no handler ran), i.e. whose process
+/// no longer exists. Returns the paths removed. A temporary file is never
+/// mistaken for a model: it keeps its hidden `.NAME.tmp-PID` name until the
+/// finished, synced file is renamed into place.
+pub fn remove_stale_temp_outputs(output: &Path) -> Vec<PathBuf> {
+    let Some(name) = output.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Vec::new();
+    };
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
 pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     let started = Instant::now();
     if opts.output.exists() && !opts.force {
@@ -189,6 +223,12 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
     metadata.extend(special.to_metadata());
 
+    for p in remove_stale_temp_outputs(&opts.output) {
+        eprintln!(
+            "crystal-quantize: removed {}, left by an interrupted conversion",
+            p.display()
+        );
+    }
     let tmp = TempOutput::new(temp_path_for(&opts.output));
     let file =
         File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
@@ -252,6 +292,13 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     })?;
     let mut tmp = tmp;
     tmp.keep = true;
+    // Make the rename itself durable: after a power loss the directory
+    // holds either the old state or the complete new file.
+    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
     progress.finish();
     summary.elapsed = started.elapsed();
     Ok(summary)

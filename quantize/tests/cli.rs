@@ -289,3 +289,77 @@ fn interrupted_conversion_leaves_nothing_behind() {
         assert!(left.is_empty(), "SIG{signal} left {left:?}");
     }
 }
+
+/// SIGKILL runs no handler, so the temporary file stays. What must hold:
+/// the output path never exists until the finished file is renamed there,
+/// the leftover has a temporary name and is refused by the model loader as
+/// truncated, and the next conversion to the same path removes it.
+#[test]
+fn sigkill_mid_write_leaves_no_valid_output() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("model.gguf");
+    let mut leftover = None;
+    // The f32 output is ~17 MB written through an 8 MB buffer: the kill
+    // lands once the first part is on disk. Retried if the conversion wins.
+    for _ in 0..10 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_crystal-quantize"))
+            .arg(src.path())
+            .arg("-o")
+            .arg(&target)
+            .args(["--type", "f32", "--quiet", "--threads", "1", "--force"])
+            .spawn()
+            .unwrap();
+        let tmp = out.path().join(format!(".model.gguf.tmp-{}", child.id()));
+        let started = std::time::Instant::now();
+        let mut partial = false;
+        while started.elapsed().as_secs() < 20 && child.try_wait().unwrap().is_none() {
+            if std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0) {
+                partial = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        child.kill().unwrap_or(()); // SIGKILL
+        let status = child.wait().unwrap();
+        if partial && status.code().is_none() {
+            leftover = Some(tmp);
+            break;
+        }
+        let _ = std::fs::remove_file(&target);
+    }
+    let leftover = leftover.expect("could not kill a conversion mid-write in 10 tries");
+    assert!(!target.exists(), "the output path exists after SIGKILL");
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![leftover.clone()]);
+    let err = match crystald::gguf::Gguf::open(&leftover) {
+        Ok(_) => panic!("a partial file passed the loader's checks"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("truncated"), "{err}");
+
+    let r = quantize(&[
+        src.path().as_os_str(),
+        "-o".as_ref(),
+        target.as_os_str(),
+        "--type".as_ref(),
+        "q8_0".as_ref(),
+        "--quiet".as_ref(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("removed") && err.contains(".model.gguf.tmp-"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("model.gguf")]);
+    crystald::gguf::Gguf::open(&target).unwrap();
+}

@@ -332,9 +332,10 @@ impl Gguf {
         // another process while mapped, which no safe Rust API can prevent.
         // Such a change can alter values we read (never memory safety of
         // slice bounds, which were validated against the length at map time);
-        // a file truncated under us raises SIGBUS. Both are documented as the
-        // operator's contract: do not rewrite a model file in place while the
-        // daemon runs (the quantizer writes a new file and renames it).
+        // a file truncated under us raises SIGBUS, which the engine turns into
+        // a clear fatal error (model::mapping_guard). The operator's contract:
+        // do not rewrite a model file in place while the daemon runs (the
+        // quantizer writes a new file and renames it).
         let map = unsafe { Mmap::map(&file)? };
         let header = Header::parse(&map)?;
         Ok(Gguf { map, header })

@@ -7,6 +7,7 @@
 
 pub mod forward;
 pub mod kv_cache;
+pub mod mapping_guard;
 pub mod ops;
 
 pub use forward::{Logits, Session};
@@ -16,6 +17,7 @@ use crate::gguf::{self, Gguf, TensorInfo};
 use crate::kernels::{Kernels, Weight};
 use crate::model_file::{self, keys, Hparams, Kind, SpecialTokens};
 use crate::quant::GgmlType;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
@@ -85,6 +87,8 @@ struct Layer {
 }
 
 pub struct Model {
+    /// Declared before `file`: stops watching before the map goes away.
+    _guard: mapping_guard::MappingGuard,
     file: Gguf,
     pub hp: Hparams,
     pub special: SpecialTokens,
@@ -99,6 +103,8 @@ pub struct Model {
 /// Alignment every tensor must have in the map, so f32 vectors and SIMD
 /// loads are aligned.
 const TENSOR_ALIGN: u64 = 32;
+/// Tensors of one transformer block in the file.
+const TENSORS_PER_LAYER: usize = 14;
 
 impl Model {
     pub fn load(
@@ -108,67 +114,20 @@ impl Model {
     ) -> Result<Model, EngineError> {
         let file =
             Gguf::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        Self::from_gguf(file, kernels, threads)
+        // From here on, a truncation of the file is a clear fatal error
+        // rather than a silent SIGBUS death (see `mapping_guard`).
+        let guard = mapping_guard::MappingGuard::new(file.map(), path);
+        Self::from_gguf(file, guard, kernels, threads)
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
     }
 
     fn from_gguf(
         file: Gguf,
+        guard: mapping_guard::MappingGuard,
         kernels: &'static dyn Kernels,
         threads: usize,
     ) -> Result<Model, String> {
-        let h = &file.header;
-        let hp = Hparams::from_header(h)?;
-        let special = SpecialTokens::from_header(h)?;
-        for id in [
-            special.bos,
-            special.eos,
-            special.im_start,
-            special.im_end,
-            special.sys_start,
-            special.sys_end,
-        ] {
-            if id as usize >= hp.vocab_size {
-                return Err(format!(
-                    "special token id {id} is outside the vocabulary ({})",
-                    hp.vocab_size
-                ));
-            }
-        }
-        if h.get(keys::TOKENIZER_JSON)
-            .and_then(gguf::Value::as_str)
-            .is_none()
-        {
-            return Err(format!(
-                "metadata '{}' (the embedded tokenizer) is missing",
-                keys::TOKENIZER_JSON
-            ));
-        }
-        let mut locs = std::collections::HashMap::new();
-        for d in model_file::tensor_descs(&hp) {
-            let t = h
-                .tensor(&d.name)
-                .ok_or_else(|| format!("tensor '{}' is missing", d.name))?;
-            if t.dims != d.dims {
-                return Err(format!(
-                    "tensor '{}' has dims {:?}, the hyper-parameters imply {:?}",
-                    d.name, t.dims, d.dims
-                ));
-            }
-            if d.kind == Kind::Vector && t.ty != GgmlType::F32 {
-                return Err(format!(
-                    "tensor '{}' is {}, norms and biases must be f32",
-                    d.name, t.ty
-                ));
-            }
-            if t.offset % TENSOR_ALIGN != 0 {
-                return Err(format!(
-                    "tensor '{}' data is not {TENSOR_ALIGN}-byte aligned (offset {})",
-                    d.name, t.offset
-                ));
-            }
-            locs.insert(d.name.clone(), loc(t));
-        }
+        let Checked { hp, special, locs } = check(&file.header)?;
         let get = |name: &str| locs[name];
         let layer = |l: usize| {
             let g = |s: &str| get(&model_file::layer_tensor_name(l, s));
@@ -196,6 +155,7 @@ impl Model {
             .build()
             .map_err(|e| format!("cannot start compute threads: {e}"))?;
         Ok(Model {
+            _guard: guard,
             token_embd: get(model_file::TOKEN_EMBD),
             output_norm_w: get(model_file::OUTPUT_NORM),
             output_norm_b: get(model_file::OUTPUT_NORM_BIAS),
@@ -250,6 +210,90 @@ impl Model {
     }
 }
 
+/// What [`check`] found usable in a header.
+struct Checked {
+    hp: Hparams,
+    special: SpecialTokens,
+    locs: HashMap<String, TensorLoc>,
+}
+
+/// Validates a parsed header as a CrystalChat model without mapping
+/// anything: what [`Model::load`] checks before it indexes a tensor. For
+/// callers holding the file's bytes (the fuzz targets).
+pub fn check_header(h: &gguf::Header) -> Result<(), String> {
+    check(h).map(|_| ())
+}
+
+fn check(h: &gguf::Header) -> Result<Checked, String> {
+    let hp = Hparams::from_header(h)?;
+    let special = SpecialTokens::from_header(h)?;
+    for id in [
+        special.bos,
+        special.eos,
+        special.im_start,
+        special.im_end,
+        special.sys_start,
+        special.sys_end,
+    ] {
+        if id as usize >= hp.vocab_size {
+            return Err(format!(
+                "special token id {id} is outside the vocabulary ({})",
+                hp.vocab_size
+            ));
+        }
+    }
+    if h.get(keys::TOKENIZER_JSON)
+        .and_then(gguf::Value::as_str)
+        .is_none()
+    {
+        return Err(format!(
+            "metadata '{}' (the embedded tokenizer) is missing",
+            keys::TOKENIZER_JSON
+        ));
+    }
+    // The table must hold the 3 + 14 per layer tensors before they are
+    // listed: a corrupt block_count (up to 2^24) would otherwise build a
+    // list of millions of names first (found by the `gguf` fuzz target's
+    // harness: a 10 KB file made the loader allocate over 2 GB).
+    let needed = hp
+        .n_layer
+        .saturating_mul(TENSORS_PER_LAYER)
+        .saturating_add(3);
+    if h.tensors.len() < needed {
+        return Err(format!(
+            "block_count {} implies {needed} tensors, but the file has {}",
+            hp.n_layer,
+            h.tensors.len()
+        ));
+    }
+    let mut locs = HashMap::new();
+    for d in model_file::tensor_descs(&hp) {
+        let t = h
+            .tensor(&d.name)
+            .ok_or_else(|| format!("tensor '{}' is missing", d.name))?;
+        if t.dims != d.dims {
+            return Err(format!(
+                "tensor '{}' has dims {:?}, the hyper-parameters imply {:?}",
+                d.name, t.dims, d.dims
+            ));
+        }
+        if d.kind == Kind::Vector && t.ty != GgmlType::F32 {
+            return Err(format!(
+                "tensor '{}' is {}, norms and biases must be f32",
+                d.name, t.ty
+            ));
+        }
+        if t.offset % TENSOR_ALIGN != 0 {
+            return Err(format!(
+                "tensor '{}' data is not {TENSOR_ALIGN}-byte aligned (offset {})",
+                d.name, t.offset
+            ));
+        }
+        locs.insert(d.name.clone(), loc(t));
+    }
+    Ok(Checked { hp, special, locs })
+}
+
 fn loc(t: &TensorInfo) -> TensorLoc {
     TensorLoc {
         ty: t.ty,
@@ -257,5 +301,95 @@ fn loc(t: &TensorInfo) -> TensorLoc {
         n_bytes: t.n_bytes as usize,
         cols: t.dims[0] as usize,
         rows: t.dims.get(1).copied().unwrap_or(1) as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufWriter, Header, Value};
+
+    fn hparams(n_layer: usize) -> Hparams {
+        Hparams {
+            vocab_size: 8,
+            context_length: 16,
+            n_embd: 32,
+            n_layer,
+            n_head: 2,
+            rotary_dim: 8,
+            n_ff: 64,
+            n_inner: 40,
+            layer_norm_epsilon: 1e-5,
+            rope_freq_base: 1e4,
+            mup_embeddings_scale: 1.0,
+            mup_output_alpha: 1.0,
+            mup_width_scale: 1.0,
+            scale_qk_dot_by_d: true,
+        }
+    }
+
+    /// A model header with every tensor `hp` implies, data zeroed.
+    fn model_file(hp: &Hparams) -> Vec<u8> {
+        let mut meta = vec![(
+            gguf::KEY_ARCHITECTURE.to_string(),
+            Value::String(model_file::ARCH.into()),
+        )];
+        meta.extend(hp.to_metadata());
+        meta.push((keys::TOKENIZER_JSON.into(), Value::String("{}".into())));
+        let special = SpecialTokens {
+            bos: 1,
+            eos: 2,
+            im_start: 3,
+            im_end: 4,
+            sys_start: 5,
+            sys_end: 6,
+        };
+        meta.extend(special.to_metadata());
+        let specs: Vec<_> = model_file::tensor_descs(hp)
+            .into_iter()
+            .map(|d| crate::gguf::TensorSpec {
+                name: d.name,
+                dims: d.dims,
+                ty: GgmlType::F32,
+            })
+            .collect();
+        let sizes: Vec<u64> = specs.iter().map(|s| s.n_bytes()).collect();
+        let mut w = GgufWriter::new(Vec::new(), &meta, specs, 32).unwrap();
+        for n in sizes {
+            w.write_data(&vec![0; n as usize]).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn set_u32(file: &mut [u8], key: &str, v: u32) {
+        let at = file
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap()
+            + key.len()
+            + 4;
+        file[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn a_valid_header_passes() {
+        let f = model_file(&hparams(2));
+        check_header(&Header::parse(&f).unwrap()).unwrap();
+    }
+
+    /// Regression (fuzzing): block_count corrupted to 15.7 M in a 10 KB
+    /// file made the check list 220 M tensor names (> 2 GB) before failing.
+    #[test]
+    fn a_corrupt_block_count_is_refused_before_allocating() {
+        let mut f = model_file(&hparams(1));
+        set_u32(&mut f, keys::BLOCK_COUNT, 0x00F0_0000);
+        let h = Header::parse(&f).unwrap();
+        let started = std::time::Instant::now();
+        let e = check_header(&h).unwrap_err();
+        assert!(
+            e.contains("block_count 15728640 implies 220200963 tensors, but the file has 17"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }

@@ -604,3 +604,80 @@ pub(crate) fn pickle_int_for_tests(data: &[u8]) -> Option<i64> {
         _ => None,
     }
 }
+
+/// Byte-level entry points of the format parsers for the fuzz targets
+/// (`tests/fuzz`): the same code [`Checkpoint::open`] runs on a mapped file,
+/// with the invariants its callers rely on asserted, so a violation is a
+/// crash the fuzzer reports. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Largest tensor whose elements are decoded to f32 per input, so one
+    /// execution stays fast.
+    const MAX_DECODE_BYTES: u64 = 1 << 20;
+
+    fn check_located(data: &[u8], tensors: &[RawTensor]) {
+        let path = Path::new("fuzz-input");
+        let mut out = Vec::new();
+        for t in tensors {
+            let end = t.start.checked_add(t.len).expect("range overflows");
+            assert!(end <= data.len() as u64, "'{}' lies past the input", t.name);
+            if let Some(elem) = element_size(&t.dtype) {
+                assert_eq!(
+                    byte_len(&t.shape, elem),
+                    Some(t.len),
+                    "'{}': length disagrees with shape",
+                    t.name
+                );
+            }
+            if t.dtype.is_float() && t.len <= MAX_DECODE_BYTES {
+                let r = TensorRef {
+                    name: &t.name,
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                    bytes: &data[t.start as usize..end as usize],
+                    file: path,
+                };
+                to_f32(&r, &mut out).expect("a located float tensor decodes");
+                assert_eq!(out.len() as u64, r.numel());
+            }
+        }
+    }
+
+    /// Indexes a safetensors file held in memory; returns the tensor count.
+    pub fn safetensors(data: &[u8]) -> Result<usize> {
+        let tensors = super::safetensors::parse(data, Path::new("fuzz-input.safetensors"))?;
+        check_located(data, &tensors);
+        Ok(tensors.len())
+    }
+
+    /// Indexes a `torch.save` zip held in memory (zip directory, pickle,
+    /// storage lookup); returns the tensor count.
+    pub fn pytorch(data: &[u8]) -> Result<usize> {
+        let tensors = super::pytorch::parse(data, Path::new("fuzz-input.bin"))?;
+        check_located(data, &tensors);
+        Ok(tensors.len())
+    }
+
+    /// Lists a zip archive's entries; each entry's data must lie in `data`.
+    pub fn zip(data: &[u8]) -> Result<usize> {
+        let entries = super::zipfile::entries(data)?;
+        for e in &entries {
+            let end = e.data_start.checked_add(e.size).expect("entry overflows");
+            assert!(
+                end <= data.len() as u64,
+                "entry '{}' lies past the input",
+                e.name
+            );
+        }
+        Ok(entries.len())
+    }
+
+    /// Runs a pickle and reads it as a state dict; returns the tensor count.
+    pub fn pickle(data: &[u8]) -> std::result::Result<usize, String> {
+        let v = super::pickle::load(data)
+            .map_err(|e| format!("at byte {}: {}", e.offset, e.message))?;
+        super::pickle::state_dict(&v).map(|t| t.len())
+    }
+}
