@@ -226,7 +226,7 @@ fn status_is_retained_online_then_offline_on_stop() {
 }
 
 #[test]
-fn last_will_marks_the_daemon_offline_when_killed() {
+fn last_will_marks_the_daemon_offline_when_killed_and_a_restart_corrects_it() {
     let broker = Broker::start();
     let mut d = Daemon::start(&broker.url(), "", "");
     assert_eq!(status(broker.port)["state"], "online");
@@ -240,6 +240,13 @@ fn last_will_marks_the_daemon_offline_when_killed() {
             break;
         }
         assert!(Instant::now() < until, "status stayed {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A restarted daemon corrects the retained status.
+    let _d = Daemon::start(&broker.url(), "", "");
+    let until = Instant::now() + WAIT;
+    while status(broker.port)["state"] != "online" {
+        assert!(Instant::now() < until, "status not corrected after restart");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
