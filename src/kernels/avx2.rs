@@ -199,6 +199,7 @@ struct Packed {
 struct Scratch {
     packed: Packed,
     lanes: Vec<LaneBlock>,
+    unpacked: Vec<__m256i>,
 }
 
 thread_local! {
@@ -211,6 +212,7 @@ thread_local! {
                 scale: Vec::new(),
             },
             lanes: Vec::new(),
+            unpacked: Vec::new(),
         })
     };
 }
@@ -473,7 +475,7 @@ unsafe fn matmul_q4_0(
     scratch: &mut Scratch,
 ) {
     if n >= LANES_MIN_TOKENS && nb > 0 {
-        return matmul_q4_0_lanes(w, nb, x, n, out, &mut scratch.lanes);
+        return matmul_q4_0_lanes(w, nb, x, n, out, &mut scratch.lanes, &mut scratch.unpacked);
     }
     quant_matmul!(tile_q4_0, true, w, nb, x, n, out, scratch)
 }
@@ -498,7 +500,7 @@ const LANES: usize = 8;
 /// accumulators (2 × R × G), unpacked weights (R) and one broadcast fit the
 /// 16 ymm registers.
 const LANE_ROWS: usize = 2;
-const LANE_GROUPS: usize = 2;
+const LANE_GROUPS: usize = 3;
 /// From this many tokens on, the lane kernel's padding costs less than the
 /// per-pair reductions of the row-major tiles save.
 const LANES_MIN_TOKENS: usize = 4;
@@ -591,66 +593,83 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
+/// Unpacks Q4_0 rows to one byte per weight (0..=15, element order): block
+/// `i` of `w` becomes `out[i]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q4_0(w: &[BlockQ4_0], out: &mut Vec<__m256i>) {
+    let low = _mm256_set1_epi8(0x0F);
+    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    out.clear();
+    out.reserve(w.len());
+    for (i, blk) in w.iter().enumerate() {
+        prefetch(w.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
+        // One 16-byte load in both halves, shifted by 0 (low nibbles,
+        // elements 0..16) and 4 (high nibbles, elements 16..32).
+        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
+        out.push(_mm256_and_si256(_mm256_srlv_epi32(raw, shift), low));
+    }
+}
+
 /// `R` weight rows × `G` lane groups (8 tokens each) of Q4_0 × Q8_0. `w`
-/// holds the `R` rows (`nb` blocks each), `x` the `G` groups (`nb` lane
-/// blocks each), which start at token `t0`; row `r` · token `t` goes to
-/// `out[r * n + t]` for the tokens below `n`.
+/// holds the `R` rows (`nb` blocks each) and `wu` the same rows unpacked
+/// ([`unpack_q4_0`]); `x` holds the `G` groups (`nb` lane blocks each),
+/// which start at token `t0`; row `r` · token `t` goes to `out[r * n + t]`
+/// for the tokens below `n`.
 ///
-/// Per block, each row's 32 nibbles are unpacked once (unsigned, as in
-/// [`tile_q4_0`]); for each 4-byte column `k` they are broadcast to all
-/// lanes and multiplied with `q[k]` of every group by `maddubs`, whose
-/// 16-bit results are summed over the 8 columns (|sum| ≤ 8 · 2 · 15 · 128 <
-/// 32768: exact) before a single widening, bias correction, conversion and
-/// scaling per row, group and block: 8 token dot products per
-/// reduction instead of one.
+/// For each 4-byte column `k` of a block, a row's 4 unsigned weight bytes
+/// are broadcast to all lanes and multiplied with `q[k]` of every group by
+/// `maddubs`, whose 16-bit results are summed over the 8 columns (|sum| ≤
+/// 8 · 2 · 15 · 128 < 32768: exact) before a single widening, bias
+/// correction, conversion and scaling per row, group and block: 8 token dot
+/// products per reduction instead of one.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
     w: &[BlockQ4_0],
+    wu: &[__m256i],
     nb: usize,
     x: &[LaneBlock],
     out: &mut [f32],
     n: usize,
     t0: usize,
 ) {
-    assert!(w.len() >= R * nb && x.len() >= G * nb);
+    assert!(w.len() >= R * nb && wu.len() >= R * nb && x.len() >= G * nb);
     assert!(t0 < n && out.len() >= (R - 1) * n + n);
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let low = _mm256_set1_epi8(0x0F);
-    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    let (wp, up, xp) = (w.as_ptr(), wu.as_ptr(), x.as_ptr());
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); G]; R];
     for b in 0..nb {
-        let mut wu = [_mm256_setzero_si256(); R];
-        let mut dw = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            // SAFETY: r < R and b < nb, and w.len() >= R * nb (asserted).
-            let blk = &*wp.add(r * nb + b);
-            prefetch(wp.wrapping_add(r * nb + b + PREFETCH_BLOCKS));
-            let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
-            wu[r] = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), low);
-            dw[r] = scale8(blk.d);
-        }
-        // SAFETY: g < G and b < nb, and x.len() >= G * nb (asserted).
-        let xb: [&LaneBlock; G] = std::array::from_fn(|g| &*xp.add(g * nb + b));
-        let mut s = [[_mm256_setzero_si256(); G]; R];
-        for k in 0..8 {
-            let idx = _mm256_set1_epi32(k as i32);
-            for r in 0..R {
-                let wb = _mm256_permutevar8x32_epi32(wu[r], idx);
+            // SAFETY: r < R and b < nb, and w.len(), wu.len() >= R * nb
+            // (asserted); the 8 u32 read from `col` are that __m256i's bytes.
+            let dw = scale8((*wp.add(r * nb + b)).d);
+            let col = up.add(r * nb + b).cast::<i32>();
+            // Columns in two halves of four: 4 broadcasts, G partial sums
+            // and the R × G accumulators stay within the 16 registers.
+            let mut s = [_mm256_setzero_si256(); G];
+            for h in 0..2 {
+                let mut wb = [_mm256_setzero_si256(); 4];
+                for (j, v) in wb.iter_mut().enumerate() {
+                    *v = _mm256_set1_epi32(*col.add(4 * h + j));
+                }
                 for g in 0..G {
-                    let p = _mm256_maddubs_epi16(wb, xb[g].q[k]);
-                    s[r][g] = if k == 0 {
-                        p
-                    } else {
-                        _mm256_add_epi16(s[r][g], p)
-                    };
+                    // SAFETY: g < G and b < nb, and x.len() >= G * nb (asserted).
+                    let xb = &*xp.add(g * nb + b);
+                    let q = &xb.q[4 * h..4 * h + 4];
+                    for j in 0..4 {
+                        let p = _mm256_maddubs_epi16(wb[j], q[j]);
+                        s[g] = if h == 0 && j == 0 {
+                            p
+                        } else {
+                            _mm256_add_epi16(s[g], p)
+                        };
+                    }
                 }
             }
-        }
-        for r in 0..R {
             for g in 0..G {
-                let i = _mm256_sub_epi32(_mm256_madd_epi16(s[r][g], ones), xb[g].bias);
-                let d = _mm256_mul_ps(dw[r], xb[g].d);
+                // SAFETY: as above.
+                let xb = &*xp.add(g * nb + b);
+                let i = _mm256_sub_epi32(_mm256_madd_epi16(s[g], ones), xb.bias);
+                let d = _mm256_mul_ps(dw, xb.d);
                 acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, acc[r][g]);
             }
         }
@@ -674,9 +693,10 @@ unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
 }
 
 /// Prefill of Q4_0 rows `w` (`nb` blocks each) × `n` tokens with the lane
-/// kernel: rows outside, so a tile's weights (a few KB) are read from
-/// memory once and then stay in L1 while every token group passes; the
-/// packed activations (`n / 8 · nb` × 320 bytes) stay in L2.
+/// kernel: rows outside, so a tile's weights are read from memory once,
+/// unpacked into `wu` (`LANE_ROWS · nb` × 32 bytes, in L1) and reused by
+/// every token group; the packed activations (`n / 8 · nb` × 320 bytes)
+/// stay in L2.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn matmul_q4_0_lanes(
     w: &[BlockQ4_0],
@@ -685,6 +705,7 @@ unsafe fn matmul_q4_0_lanes(
     n: usize,
     out: &mut [f32],
     buf: &mut Vec<LaneBlock>,
+    wu: &mut Vec<__m256i>,
 ) {
     pack_lanes(x, nb, n, buf);
     let groups = n.div_ceil(LANES);
@@ -693,6 +714,7 @@ unsafe fn matmul_q4_0_lanes(
     while r < rows {
         let rt = if rows - r >= LANE_ROWS { LANE_ROWS } else { 1 };
         let (wr, or) = (&w[r * nb..(r + rt) * nb], &mut out[r * n..(r + rt) * n]);
+        unpack_q4_0(wr, wu);
         let mut g = 0;
         while g < groups {
             let gt = if groups - g >= LANE_GROUPS {
@@ -704,11 +726,11 @@ unsafe fn matmul_q4_0_lanes(
             let t0 = g * LANES;
             match (rt, gt) {
                 (LANE_ROWS, LANE_GROUPS) => {
-                    tile_q4_0_lanes::<LANE_ROWS, LANE_GROUPS>(wr, nb, xg, or, n, t0)
+                    tile_q4_0_lanes::<LANE_ROWS, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0)
                 }
-                (LANE_ROWS, _) => tile_q4_0_lanes::<LANE_ROWS, 1>(wr, nb, xg, or, n, t0),
-                (_, LANE_GROUPS) => tile_q4_0_lanes::<1, LANE_GROUPS>(wr, nb, xg, or, n, t0),
-                _ => tile_q4_0_lanes::<1, 1>(wr, nb, xg, or, n, t0),
+                (LANE_ROWS, _) => tile_q4_0_lanes::<LANE_ROWS, 1>(wr, wu, nb, xg, or, n, t0),
+                (_, LANE_GROUPS) => tile_q4_0_lanes::<1, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0),
+                _ => tile_q4_0_lanes::<1, 1>(wr, wu, nb, xg, or, n, t0),
             }
             g += gt;
         }
