@@ -294,6 +294,8 @@ fn check_tile<W>(
 /// bias: q·x - 8·x. Pair sums stay within i16 (15·128·2 < 32768), so the
 /// integer part is exact. One 16-byte load broadcast to both halves and a
 /// per-half shift (0 or 4) unpacks a block without a cross-lane shuffle.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q4_0<const R: usize, const T: usize>(
     w: &[BlockQ4_0],
@@ -341,6 +343,8 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
 /// Q8_0 × Q8_0 tile. Both operands are signed, so the weight's sign moves
 /// onto the activation (`sign`) and its magnitude is the unsigned operand.
 /// Exact for values in -127..=127, the range `quantize_q8_0` produces.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q8_0<const R: usize, const T: usize>(
     w: &[BlockQ8_0],
@@ -496,9 +500,12 @@ unsafe fn matmul_q8_0(
 
 /// Tokens per lane group: one 32-bit lane of a ymm register each.
 const LANES: usize = 8;
-/// Prefill tile of the lane kernel: weight rows × lane groups per pass. The
-/// accumulators (2 × R × G), unpacked weights (R) and one broadcast fit the
-/// 16 ymm registers.
+/// Prefill tile of the lane kernel: weight rows × lane groups (8 tokens)
+/// per pass. The R · G accumulators, G partial sums and 4 weight broadcasts
+/// fit the 16 ymm registers; each block of packed activations read from L2
+/// serves R rows and each unpacked weight column G groups. 2 × 3 and 4 × 2
+/// were the fastest of 2×2, 1×4, 4×1, 3×2, 2×3, 4×2 and 2×4 on the 2-core
+/// development machine (`bench_q4_0_prefill`, within its noise).
 const LANE_ROWS: usize = 2;
 const LANE_GROUPS: usize = 3;
 /// From this many tokens on, the lane kernel's padding costs less than the
@@ -622,6 +629,8 @@ unsafe fn unpack_q4_0(w: &[BlockQ4_0], out: &mut Vec<__m256i>) {
 /// 8 · 2 · 15 · 128 < 32768: exact) before a single widening, bias
 /// correction, conversion and scaling per row, group and block: 8 token dot
 /// products per reduction instead of one.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
     w: &[BlockQ4_0],
