@@ -18,6 +18,7 @@ use super::{Acts, Kernels, Weight};
 use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
 use half::f16;
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 use std::ops::Range;
 
 /// The AVX2 kernels. The private field keeps it from being built outside
@@ -75,13 +76,17 @@ impl Kernels for Avx2 {
         match (w.ty, x) {
             (GgmlType::Q4_0, Acts::Q8_0(x)) => {
                 let nb = w.cols / QK;
-                // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
-                unsafe { matmul_q4_0(w.q4_0_rows(rows), nb, &x[..n * nb], n, out) }
+                SCRATCH.with_borrow_mut(|s| {
+                    // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+                    unsafe { matmul_q4_0(w.q4_0_rows(rows), nb, &x[..n * nb], n, out, s) }
+                })
             }
             (GgmlType::Q8_0, Acts::Q8_0(x)) => {
                 let nb = w.cols / QK;
-                // SAFETY: as above.
-                unsafe { matmul_q8_0(w.q8_0_rows(rows), nb, &x[..n * nb], n, out) }
+                SCRATCH.with_borrow_mut(|s| {
+                    // SAFETY: as above.
+                    unsafe { matmul_q8_0(w.q8_0_rows(rows), nb, &x[..n * nb], n, out, s) }
+                })
             }
             (GgmlType::F16, Acts::F32(x)) => {
                 // SAFETY: as above.
@@ -188,19 +193,44 @@ struct Packed {
     scale: Vec<f32>,
 }
 
-/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`). The group of
-/// tokens `t0..t0 + g` starts at index `t0 * nb`; block `b` of its token
-/// `t` is at `t0 * nb + b * g + t`.
+/// Per-thread buffers for packed activations, grown to the largest product
+/// seen and reused, so a matrix product allocates nothing once warm (the
+/// pool's threads live as long as the model).
+struct Scratch {
+    packed: Packed,
+    lanes: Vec<LaneBlock>,
+    unpacked: Vec<__m256i>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            packed: Packed {
+                n: 0,
+                qs: Vec::new(),
+                bias: Vec::new(),
+                scale: Vec::new(),
+            },
+            lanes: Vec::new(),
+            unpacked: Vec::new(),
+        })
+    };
+}
+
+/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`) into `p`, reusing
+/// its buffers. The group of tokens `t0..t0 + g` starts at index `t0 * nb`;
+/// block `b` of its token `t` is at `t0 * nb + b * g + t`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool) -> Packed {
+unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool, p: &mut Packed) {
     assert_eq!(x.len(), n * nb);
     let eight = _mm256_set1_epi8(8);
-    let mut p = Packed {
-        n,
-        qs: Vec::with_capacity(n * nb),
-        bias: Vec::with_capacity(if with_bias { n * nb } else { 0 }),
-        scale: Vec::with_capacity(n * nb),
-    };
+    p.n = n;
+    p.qs.clear();
+    p.bias.clear();
+    p.scale.clear();
+    p.qs.reserve(n * nb);
+    p.bias.reserve(if with_bias { n * nb } else { 0 });
+    p.scale.reserve(n * nb);
     // Loops, not iterator closures: closures may not inherit the target features.
     let mut t0 = 0;
     while t0 < n {
@@ -218,7 +248,6 @@ unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool) -> Packed 
         }
         t0 += g;
     }
-    p
 }
 
 /// The weight block scale in all eight lanes.
@@ -265,6 +294,8 @@ fn check_tile<W>(
 /// bias: q·x - 8·x. Pair sums stay within i16 (15·128·2 < 32768), so the
 /// integer part is exact. One 16-byte load broadcast to both halves and a
 /// per-half shift (0 or 4) unpacks a block without a cross-lane shuffle.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q4_0<const R: usize, const T: usize>(
     w: &[BlockQ4_0],
@@ -312,6 +343,8 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
 /// Q8_0 × Q8_0 tile. Both operands are signed, so the weight's sign moves
 /// onto the activation (`sign`) and its magnitude is the unsigned operand.
 /// Exact for values in -127..=127, the range `quantize_q8_0` produces.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_q8_0<const R: usize, const T: usize>(
     w: &[BlockQ8_0],
@@ -384,13 +417,14 @@ macro_rules! group_tiles {
 /// activations (`nb` × 4 tokens × 68 bytes, under 100 KB) stay cached while
 /// the weights stream past once per group, reused by the group's tokens.
 macro_rules! quant_matmul {
-    ($tile:ident, $bias:expr, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr) => {{
+    ($tile:ident, $bias:expr, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr, $scratch:expr) => {{
         let (w, nb, x, n, out) = ($w, $nb, $x, $n, $out);
         if nb == 0 {
             out.fill(0.0);
             return;
         }
-        let x = &pack(x, nb, n, $bias);
+        pack(x, nb, n, $bias, &mut $scratch.packed);
+        let x = &$scratch.packed;
         let rows = w.len() / nb;
         if n == 1 {
             let one = Group {
@@ -436,13 +470,281 @@ macro_rules! quant_matmul {
 /// `w`: whole rows of `nb` blocks; `x`: `n` tokens of `nb` blocks;
 /// `out`: rows × `n`, grouped by row.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_q4_0(w: &[BlockQ4_0], nb: usize, x: &[BlockQ8_0], n: usize, out: &mut [f32]) {
-    quant_matmul!(tile_q4_0, true, w, nb, x, n, out)
+unsafe fn matmul_q4_0(
+    w: &[BlockQ4_0],
+    nb: usize,
+    x: &[BlockQ8_0],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    if n >= LANES_MIN_TOKENS && nb > 0 {
+        return matmul_q4_0_lanes(w, nb, x, n, out, &mut scratch.lanes, &mut scratch.unpacked);
+    }
+    quant_matmul!(tile_q4_0, true, w, nb, x, n, out, scratch)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_q8_0(w: &[BlockQ8_0], nb: usize, x: &[BlockQ8_0], n: usize, out: &mut [f32]) {
-    quant_matmul!(tile_q8_0, false, w, nb, x, n, out)
+unsafe fn matmul_q8_0(
+    w: &[BlockQ8_0],
+    nb: usize,
+    x: &[BlockQ8_0],
+    n: usize,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    quant_matmul!(tile_q8_0, false, w, nb, x, n, out, scratch)
+}
+
+// ---------------------------------------------------------------- Q4_0 prefill, tokens across lanes
+
+/// Tokens per lane group: one 32-bit lane of a ymm register each.
+const LANES: usize = 8;
+/// Prefill tile of the lane kernel: weight rows × lane groups (8 tokens)
+/// per pass. The R · G accumulators, G partial sums and 4 weight broadcasts
+/// fit the 16 ymm registers; each block of packed activations read from L2
+/// serves R rows and each unpacked weight column G groups. 2 × 3 and 4 × 2
+/// were the fastest of 2×2, 1×4, 4×1, 3×2, 2×3, 4×2 and 2×4 on the 2-core
+/// development machine (`bench_q4_0_prefill`, within its noise).
+const LANE_ROWS: usize = 2;
+const LANE_GROUPS: usize = 3;
+/// From this many tokens on, the lane kernel's padding costs less than the
+/// per-pair reductions of the row-major tiles save.
+const LANES_MIN_TOKENS: usize = 4;
+
+/// Block `b` of eight tokens' Q8_0 activations, transposed for the lane
+/// kernel: `q[k]` holds bytes `4k..4k + 4` of token `t`'s block in 32-bit
+/// lane `t`, so the 4 weight bytes `4k..4k + 4` broadcast to every lane
+/// meet the matching 4 activation bytes of all eight tokens. Missing tokens
+/// of a last, partial group are zeros (scale 0), and their lanes are never
+/// stored.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LaneBlock {
+    q: [__m256i; 8],
+    /// `8·Σ q` per lane (i32): the correction for unsigned nibbles, as in
+    /// [`tile_q4_0`].
+    bias: __m256i,
+    /// The activation scales, f32 per lane.
+    d: __m256,
+}
+
+/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`) into
+/// `ceil(n / 8) * nb` lane blocks, group-major: block `b` of group `g` at
+/// `g * nb + b`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_lanes(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<LaneBlock>) {
+    assert_eq!(x.len(), n * nb);
+    let groups = n.div_ceil(LANES);
+    out.clear();
+    out.reserve(groups * nb);
+    let ones8 = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    for g in 0..groups {
+        for b in 0..nb {
+            let mut v = [_mm256_setzero_si256(); LANES];
+            let mut d = [0.0f32; LANES];
+            for t in 0..LANES.min(n - g * LANES) {
+                let blk = &x[(g * LANES + t) * nb + b];
+                v[t] = _mm256_loadu_si256(blk.qs.as_ptr().cast());
+                d[t] = half_to_f32(blk.d);
+            }
+            let q = transpose8x32(v);
+            // Per-lane sums of the 32 bytes: pairs by maddubs, then 16-bit
+            // sums of at most 8 · 2 · 128, then pairs of those.
+            let mut s = _mm256_maddubs_epi16(ones8, q[0]);
+            for qk in &q[1..] {
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(ones8, *qk));
+            }
+            out.push(LaneBlock {
+                q,
+                bias: _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 3),
+                d: _mm256_loadu_ps(d.as_ptr()),
+            });
+        }
+    }
+}
+
+/// Transposes an 8 × 8 matrix of 32-bit elements: lane `k` of `v[t]`
+/// becomes lane `t` of the result's `k`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
+    // [a0 b0 a1 b1 | a4 b4 a5 b5] and [a2 b2 a3 b3 | a6 b6 a7 b7]
+    let lo01 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let hi01 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let lo23 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let hi23 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let lo45 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let hi45 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let lo67 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let hi67 = _mm256_unpackhi_epi32(v[6], v[7]);
+    // [a0 b0 c0 d0 | a4 b4 c4 d4], [a1 b1 c1 d1 | a5 ...], ...
+    let c0 = _mm256_unpacklo_epi64(lo01, lo23);
+    let c1 = _mm256_unpackhi_epi64(lo01, lo23);
+    let c2 = _mm256_unpacklo_epi64(hi01, hi23);
+    let c3 = _mm256_unpackhi_epi64(hi01, hi23);
+    let e0 = _mm256_unpacklo_epi64(lo45, lo67);
+    let e1 = _mm256_unpackhi_epi64(lo45, lo67);
+    let e2 = _mm256_unpacklo_epi64(hi45, hi67);
+    let e3 = _mm256_unpackhi_epi64(hi45, hi67);
+    [
+        _mm256_permute2x128_si256(c0, e0, 0x20),
+        _mm256_permute2x128_si256(c1, e1, 0x20),
+        _mm256_permute2x128_si256(c2, e2, 0x20),
+        _mm256_permute2x128_si256(c3, e3, 0x20),
+        _mm256_permute2x128_si256(c0, e0, 0x31),
+        _mm256_permute2x128_si256(c1, e1, 0x31),
+        _mm256_permute2x128_si256(c2, e2, 0x31),
+        _mm256_permute2x128_si256(c3, e3, 0x31),
+    ]
+}
+
+/// Unpacks Q4_0 rows to one byte per weight (0..=15, element order): block
+/// `i` of `w` becomes `out[i]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q4_0(w: &[BlockQ4_0], out: &mut Vec<__m256i>) {
+    let low = _mm256_set1_epi8(0x0F);
+    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    out.clear();
+    out.reserve(w.len());
+    for (i, blk) in w.iter().enumerate() {
+        prefetch(w.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
+        // One 16-byte load in both halves, shifted by 0 (low nibbles,
+        // elements 0..16) and 4 (high nibbles, elements 16..32).
+        let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
+        out.push(_mm256_and_si256(_mm256_srlv_epi32(raw, shift), low));
+    }
+}
+
+/// `R` weight rows × `G` lane groups (8 tokens each) of Q4_0 × Q8_0. `w`
+/// holds the `R` rows (`nb` blocks each) and `wu` the same rows unpacked
+/// ([`unpack_q4_0`]); `x` holds the `G` groups (`nb` lane blocks each),
+/// which start at token `t0`; row `r` · token `t` goes to `out[r * n + t]`
+/// for the tokens below `n`.
+///
+/// For each 4-byte column `k` of a block, a row's 4 unsigned weight bytes
+/// are broadcast to all lanes and multiplied with `q[k]` of every group by
+/// `maddubs`, whose 16-bit results are summed over the 8 columns (|sum| ≤
+/// 8 · 2 · 15 · 128 < 32768: exact) before a single widening, bias
+/// correction, conversion and scaling per row, group and block: 8 token dot
+/// products per reduction instead of one.
+// Tiles index several arrays by row and token; range loops say it plainest.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
+    w: &[BlockQ4_0],
+    wu: &[__m256i],
+    nb: usize,
+    x: &[LaneBlock],
+    out: &mut [f32],
+    n: usize,
+    t0: usize,
+) {
+    assert!(w.len() >= R * nb && wu.len() >= R * nb && x.len() >= G * nb);
+    assert!(t0 < n && out.len() >= (R - 1) * n + n);
+    let (wp, up, xp) = (w.as_ptr(), wu.as_ptr(), x.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); G]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            // SAFETY: r < R and b < nb, and w.len(), wu.len() >= R * nb
+            // (asserted); the 8 u32 read from `col` are that __m256i's bytes.
+            let dw = scale8((*wp.add(r * nb + b)).d);
+            let col = up.add(r * nb + b).cast::<i32>();
+            // Columns in two halves of four: 4 broadcasts, G partial sums
+            // and the R × G accumulators stay within the 16 registers.
+            let mut s = [_mm256_setzero_si256(); G];
+            for h in 0..2 {
+                let mut wb = [_mm256_setzero_si256(); 4];
+                for (j, v) in wb.iter_mut().enumerate() {
+                    *v = _mm256_set1_epi32(*col.add(4 * h + j));
+                }
+                for g in 0..G {
+                    // SAFETY: g < G and b < nb, and x.len() >= G * nb (asserted).
+                    let xb = &*xp.add(g * nb + b);
+                    let q = &xb.q[4 * h..4 * h + 4];
+                    for j in 0..4 {
+                        let p = _mm256_maddubs_epi16(wb[j], q[j]);
+                        s[g] = if h == 0 && j == 0 {
+                            p
+                        } else {
+                            _mm256_add_epi16(s[g], p)
+                        };
+                    }
+                }
+            }
+            for g in 0..G {
+                // SAFETY: as above.
+                let xb = &*xp.add(g * nb + b);
+                let i = _mm256_sub_epi32(_mm256_madd_epi16(s[g], ones), xb.bias);
+                let d = _mm256_mul_ps(dw, xb.d);
+                acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, acc[r][g]);
+            }
+        }
+    }
+    for r in 0..R {
+        for g in 0..G {
+            let t = t0 + g * LANES;
+            if t >= n {
+                break;
+            }
+            let o = &mut out[r * n + t..r * n + n.min(t + LANES)];
+            if o.len() == LANES {
+                _mm256_storeu_ps(o.as_mut_ptr(), acc[r][g]);
+            } else {
+                let mut v = [0.0f32; LANES];
+                _mm256_storeu_ps(v.as_mut_ptr(), acc[r][g]);
+                o.copy_from_slice(&v[..o.len()]);
+            }
+        }
+    }
+}
+
+/// Prefill of Q4_0 rows `w` (`nb` blocks each) × `n` tokens with the lane
+/// kernel: rows outside, so a tile's weights are read from memory once,
+/// unpacked into `wu` (`LANE_ROWS · nb` × 32 bytes, in L1) and reused by
+/// every token group; the packed activations (`n / 8 · nb` × 320 bytes)
+/// stay in L2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_q4_0_lanes(
+    w: &[BlockQ4_0],
+    nb: usize,
+    x: &[BlockQ8_0],
+    n: usize,
+    out: &mut [f32],
+    buf: &mut Vec<LaneBlock>,
+    wu: &mut Vec<__m256i>,
+) {
+    pack_lanes(x, nb, n, buf);
+    let groups = n.div_ceil(LANES);
+    let rows = w.len() / nb;
+    let mut r = 0;
+    while r < rows {
+        let rt = if rows - r >= LANE_ROWS { LANE_ROWS } else { 1 };
+        let (wr, or) = (&w[r * nb..(r + rt) * nb], &mut out[r * n..(r + rt) * n]);
+        unpack_q4_0(wr, wu);
+        let mut g = 0;
+        while g < groups {
+            let gt = if groups - g >= LANE_GROUPS {
+                LANE_GROUPS
+            } else {
+                1
+            };
+            let xg = &buf[g * nb..(g + gt) * nb];
+            let t0 = g * LANES;
+            match (rt, gt) {
+                (LANE_ROWS, LANE_GROUPS) => {
+                    tile_q4_0_lanes::<LANE_ROWS, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0)
+                }
+                (LANE_ROWS, _) => tile_q4_0_lanes::<LANE_ROWS, 1>(wr, wu, nb, xg, or, n, t0),
+                (_, LANE_GROUPS) => tile_q4_0_lanes::<1, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0),
+                _ => tile_q4_0_lanes::<1, 1>(wr, wu, nb, xg, or, n, t0),
+            }
+            g += gt;
+        }
+        r += rt;
+    }
 }
 
 // ---------------------------------------------------------------- F16/F32 × F32

@@ -403,10 +403,24 @@ fn matmul(
             })
     });
     if t > 1 {
-        for (r, row) in transposed.chunks_exact(t).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                out[i * rows + r] = v;
-            }
-        }
+        // Back to token-major, split by tokens across the pool: each task
+        // reads its tokens' contiguous run of every row and writes its few
+        // output rows sequentially.
+        let src: &[f32] = transposed;
+        let per = t.div_ceil(threads);
+        model.pool.install(|| {
+            out[..t * rows]
+                .par_chunks_mut(per * rows)
+                .enumerate()
+                .for_each(|(c, o)| {
+                    let t0 = c * per;
+                    let m = o.len() / rows;
+                    for (r, row) in src.chunks_exact(t).enumerate() {
+                        for (j, &v) in row[t0..t0 + m].iter().enumerate() {
+                            o[j * rows + r] = v;
+                        }
+                    }
+                })
+        });
     }
 }
