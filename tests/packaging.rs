@@ -42,6 +42,7 @@ fn amd64_package_holds_binaries_units_and_conffiles() {
     std::fs::write(units.join("crystald.service"), "[Service]\n").unwrap();
     std::fs::write(units.join("crystald.socket"), "[Socket]\n").unwrap();
     std::fs::write(units.join("crystald.toml"), "threads = 4\n").unwrap();
+    std::fs::write(units.join("crystald-mqtt.conf"), "[Service]\n").unwrap();
     std::fs::write(units.join("notes.txt"), "not packaged\n").unwrap();
     let out = tmp.path().join("out");
 
