@@ -278,36 +278,35 @@ fn event4(ev: rumqttc::Event) -> LinkEvent {
     }
 }
 
+/// Connection errors in words for the log; the two protocol versions have
+/// separate but alike error types.
+macro_rules! describe_error {
+    ($e:expr, $E:path, $C:path) => {{
+        use $C as C;
+        use $E as E;
+        match $e {
+            E::ConnectionRefused(C::BadUserNamePassword) => {
+                "the broker refused the connection: bad user name or password".into()
+            }
+            E::ConnectionRefused(C::NotAuthorized) => {
+                "the broker refused the connection: not authorized".into()
+            }
+            E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+            E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
+            E::Io(io) => format!("connection to the broker failed: {io}"),
+            other => other.to_string(),
+        }
+    }};
+}
+
 fn error5(e: &rumqttc::v5::ConnectionError) -> String {
-    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
-    use rumqttc::v5::ConnectionError as E;
-    match e {
-        E::ConnectionRefused(C::BadUserNamePassword) => {
-            "the broker refused the connection: bad user name or password".into()
-        }
-        E::ConnectionRefused(C::NotAuthorized) => {
-            "the broker refused the connection: not authorized".into()
-        }
-        E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
-        E::Io(io) => format!("connection to the broker failed: {io}"),
-        other => other.to_string(),
-    }
+    describe_error!(
+        e,
+        rumqttc::v5::ConnectionError,
+        rumqttc::v5::mqttbytes::v5::ConnectReturnCode
+    )
 }
 
 fn error4(e: &rumqttc::ConnectionError) -> String {
-    use rumqttc::ConnectReturnCode as C;
-    use rumqttc::ConnectionError as E;
-    match e {
-        E::ConnectionRefused(C::BadUserNamePassword) => {
-            "the broker refused the connection: bad user name or password".into()
-        }
-        E::ConnectionRefused(C::NotAuthorized) => {
-            "the broker refused the connection: not authorized".into()
-        }
-        E::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
-        E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
-        E::Io(io) => format!("connection to the broker failed: {io}"),
-        other => other.to_string(),
-    }
+    describe_error!(e, rumqttc::ConnectionError, rumqttc::ConnectReturnCode)
 }

@@ -25,7 +25,7 @@ pub mod settings;
 pub use settings::Settings;
 
 use crate::daemon::logging::{log_debug, log_info, log_warn};
-use crate::daemon::protocol::{self, ApiError, Control, ErrorCode, Event, Id, Incoming};
+use crate::daemon::protocol::{self, ApiError, Control, ErrorCode, Event, Health, Id, Incoming};
 use crate::daemon::scheduler::{EventSink, JobHandle, Scheduler};
 use link::{LinkEvent, Message, Received};
 use std::collections::{HashMap, VecDeque};
@@ -337,7 +337,7 @@ impl Shared {
                 if session_present { "kept" } else { "new" }
             ),
         }
-        self.push_status(self.online_status());
+        self.push_status(self.online_status(&self.scheduler.health()));
     }
 
     fn on_published(&self, pkid: u16) {
@@ -460,7 +460,7 @@ impl Shared {
             Id::Text(t) => t.clone(),
             Id::Number(n) => n.to_string(),
         };
-        let ok = !level.is_empty() && !level.contains(['/', '+', '#', '\0']);
+        let ok = settings::check_topic_level("id", &level).is_ok();
         ok.then(|| Route {
             topic: format!("{}/{level}", self.topics.response),
             correlation: None,
@@ -665,8 +665,7 @@ impl Shared {
 
     // ----- status ----------------------------------------------------------
 
-    fn online_status(&self) -> Vec<u8> {
-        let h = self.scheduler.health();
+    fn online_status(&self, h: &Health) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "state": if h.status == "ok" { "online" } else { "failed" },
             "model": h.model,
@@ -695,7 +694,7 @@ impl Shared {
             let h = self.scheduler.health();
             let now = (h.queue_depth, h.running, h.status);
             if last.is_some() && last != Some(now) || last_at.elapsed() >= interval {
-                self.push_status(self.online_status());
+                self.push_status(self.online_status(&h));
                 last_at = Instant::now();
             }
             last = Some(now);

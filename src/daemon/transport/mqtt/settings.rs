@@ -202,7 +202,7 @@ pub fn check_topic_name(t: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_topic_level(what: &str, v: &str) -> Result<(), String> {
+pub fn check_topic_level(what: &str, v: &str) -> Result<(), String> {
     check_topic_name(v).map_err(|e| format!("{what} '{v}': {e}"))?;
     if v.contains('/') {
         return Err(format!("{what} '{v}' must be one topic level (no '/')"));
