@@ -435,6 +435,19 @@ pub struct SpecialTokens {
 }
 
 impl SpecialTokens {
+    /// The ids CrystalChat's tokenizer_config.json assigns: `<s>`, `</s>`
+    /// and its four added chat tokens. The quantizer reads them from the
+    /// checkpoint and the engine from the model file; this table is for the
+    /// tests and fuzz targets that use the real tokenizer without a model.
+    pub const CRYSTALCHAT: SpecialTokens = SpecialTokens {
+        bos: 1,
+        eos: 2,
+        im_start: 32018,
+        im_end: 32019,
+        sys_start: 32020,
+        sys_end: 32021,
+    };
+
     pub fn to_metadata(&self) -> Vec<(String, Value)> {
         vec![
             (keys::BOS_ID.into(), Value::U32(self.bos)),

@@ -17,14 +17,7 @@ fn read_shared(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-const SPECIAL: SpecialTokens = SpecialTokens {
-    bos: 1,
-    eos: 2,
-    im_start: 32018,
-    im_end: 32019,
-    sys_start: 32020,
-    sys_end: 32021,
-};
+const SPECIAL: SpecialTokens = SpecialTokens::CRYSTALCHAT;
 
 fn tok() -> Tokenizer {
     Tokenizer::from_json(&read_shared("tokenizer.json"), SPECIAL).unwrap()

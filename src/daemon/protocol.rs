@@ -568,15 +568,7 @@ mod tests {
             "/../shared/crystalchat/tokenizer.json"
         );
         let json = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let special = crate::tokenizer::SpecialTokens {
-            bos: 1,
-            eos: 2,
-            im_start: 32018,
-            im_end: 32019,
-            sys_start: 32020,
-            sys_end: 32021,
-        };
-        Tokenizer::from_json(&json, special).unwrap()
+        Tokenizer::from_json(&json, crate::tokenizer::SpecialTokens::CRYSTALCHAT).unwrap()
     }
 
     fn request(extra: serde_json::Value) -> Request {

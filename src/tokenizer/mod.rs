@@ -245,17 +245,6 @@ impl Tokenizer {
 mod tests {
     use super::*;
 
-    fn real_special() -> SpecialTokens {
-        SpecialTokens {
-            bos: 1,
-            eos: 2,
-            im_start: 32018,
-            im_end: 32019,
-            sys_start: 32020,
-            sys_end: 32021,
-        }
-    }
-
     fn shared(name: &str) -> String {
         let path = format!(
             "{}/../shared/crystalchat/{name}",
@@ -265,7 +254,7 @@ mod tests {
     }
 
     fn real() -> Tokenizer {
-        Tokenizer::from_json(&shared("tokenizer.json"), real_special()).unwrap()
+        Tokenizer::from_json(&shared("tokenizer.json"), SpecialTokens::CRYSTALCHAT).unwrap()
     }
 
     #[test]
@@ -299,11 +288,11 @@ mod tests {
     #[test]
     fn wrong_special_ids_are_rejected() {
         let json = shared("tokenizer.json");
-        let mut sp = real_special();
+        let mut sp = SpecialTokens::CRYSTALCHAT;
         sp.im_start = 32019;
         let err = Tokenizer::from_json(&json, sp).unwrap_err();
         assert!(err.to_string().contains("im_start"), "{err}");
-        let mut sp = real_special();
+        let mut sp = SpecialTokens::CRYSTALCHAT;
         sp.eos = 40000;
         let err = Tokenizer::from_json(&json, sp).unwrap_err();
         assert!(err.to_string().contains("40000"), "{err}");

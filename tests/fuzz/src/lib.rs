@@ -22,14 +22,7 @@ pub fn tokenizer() -> &'static Tokenizer {
 }
 
 /// CrystalChat's control token ids (as its GGUF metadata records them).
-pub const SPECIAL: SpecialTokens = SpecialTokens {
-    bos: 1,
-    eos: 2,
-    im_start: 32018,
-    im_end: 32019,
-    sys_start: 32020,
-    sys_end: 32021,
-};
+pub const SPECIAL: SpecialTokens = SpecialTokens::CRYSTALCHAT;
 
 /// With `CRYSTALD_FUZZ_VERBOSE=1`, prints what each input parsed to (run a
 /// target on a few files to see which seeds get past which checks).
