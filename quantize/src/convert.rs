@@ -142,10 +142,7 @@ pub fn remove_stale_temp_outputs(output: &Path) -> Vec<PathBuf> {
     let Some(name) = output.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Vec::new();
     };
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = output_dir(output);
     let prefix = format!(".{name}.tmp-");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -165,6 +162,14 @@ pub fn remove_stale_temp_outputs(output: &Path) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// The directory `output` is created in (`.` for a bare file name).
+fn output_dir(output: &Path) -> &Path {
+    match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
@@ -294,10 +299,8 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     tmp.keep = true;
     // Make the rename itself durable: after a power loss the directory
     // holds either the old state or the complete new file.
-    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Ok(d) = File::open(output_dir(&opts.output)) {
+        let _ = d.sync_all();
     }
     progress.finish();
     summary.elapsed = started.elapsed();
