@@ -53,6 +53,13 @@ fi
 # Fuzzing (scripts/fuzz.sh, a short pass of which scripts/test.sh runs):
 # cargo-fuzz from crates.io, built once into ~/.cargo/bin (kept by a CI
 # cache of ~/.cargo). libFuzzer itself comes with the libfuzzer-sys crate.
+# libfuzzer-sys compiles libFuzzer's C++ sources, so a C++ compiler too.
+if ! command -v c++ >/dev/null; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends g++
+fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked --quiet cargo-fuzz --version 0.13.2
 fi
