@@ -13,53 +13,46 @@ fi
 if ! .venv/bin/python -c 'import gguf, numpy, safetensors' 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors
 fi
+# Debian packages, gathered first so that apt runs (and updates) once.
+need=()
 # systemd-analyze and systemd-socket-activate: tests/systemd_units.rs checks
 # the units in systemd/ with them.
 if ! command -v systemd-analyze >/dev/null || ! command -v systemd-socket-activate >/dev/null; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+    need+=(systemd)
 fi
 # MQTT: tests/mqtt.rs runs the daemon against a real Mosquitto broker
 # (started by the tests on a free loopback port) and drives it with the stock
 # mosquitto_pub/mosquitto_sub clients; openssl makes the test CA.
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] \
-    || ! command -v mosquitto_pub >/dev/null || ! command -v openssl >/dev/null; then
-    sudo=()
-    [ "$(id -u)" = 0 ] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -q
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
-        mosquitto mosquitto-clients openssl
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    need+=(mosquitto)
 fi
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
+command -v openssl >/dev/null || need+=(openssl)
+# Fuzzing: libfuzzer-sys compiles libFuzzer's C++ sources.
+command -v c++ >/dev/null || need+=(g++)
 # ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and
 # libc as linker and sysroot, qemu-user to run the tests, Rust's aarch64
 # std. CRYSTALD_SKIP_CROSS=1 leaves them out (and scripts/test.sh then
 # skips the ARM steps).
 if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
-    need=()
     command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
     [ -e /usr/aarch64-linux-gnu/lib/libc.so ] || need+=(libc6-dev-arm64-cross)
     command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
     command -v dpkg-deb >/dev/null || need+=(dpkg)
-    if [ ${#need[@]} -gt 0 ]; then
-        sudo=()
-        [ "$(id -u)" = 0 ] || sudo=(sudo)
-        "${sudo[@]}" apt-get update -q
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${need[@]}"
-    fi
-    if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
-        rustup target add aarch64-unknown-linux-gnu
-    fi
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -q
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ] \
+    && ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+    rustup target add aarch64-unknown-linux-gnu
 fi
 # Fuzzing (scripts/fuzz.sh, a short pass of which scripts/test.sh runs):
 # cargo-fuzz from crates.io, built once into ~/.cargo/bin (kept by a CI
 # cache of ~/.cargo). libFuzzer itself comes with the libfuzzer-sys crate.
-# libfuzzer-sys compiles libFuzzer's C++ sources, so a C++ compiler too.
-if ! command -v c++ >/dev/null; then
-    sudo=()
-    [ "$(id -u)" = 0 ] || sudo=(sudo)
-    "${sudo[@]}" apt-get update -q
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends g++
-fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked --quiet cargo-fuzz --version 0.13.2
 fi
