@@ -475,3 +475,130 @@ fn a_retained_request_from_before_the_daemon_is_reported_and_cleared_not_answere
         assert!(g.raw.is_empty(), "still retained: {:?}", g.body);
     }
 }
+
+/// The daemon's peak resident memory (VmHWM), in bytes.
+fn peak_rss(d: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+/// Publishes `size` bytes with mosquitto_pub as an MQTT 3.1.1 client at
+/// QoS 1; returns whether the broker took it.
+fn publish_big(port: u16, topic: &str, size: usize, retain: bool) -> bool {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .args(["-q", "1", "-t", topic, "-s"]);
+    if retain {
+        cmd.arg("-r");
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..size / chunk.len() {
+            stdin.write_all(&chunk).unwrap();
+        }
+    }
+    child.wait().unwrap().success()
+}
+
+const BIG: usize = 64 << 20;
+
+#[test]
+fn v311_a_message_far_over_the_limit_is_dropped_unread_with_no_redelivery_loop() {
+    let broker = Broker::start();
+    let d = Daemon::start(
+        &broker.url(),
+        "protocol = \"3.1.1\"",
+        "max_line_bytes = 4096",
+    );
+    // No broker limit stated: the start-up warning says what to set.
+    let log = d.log();
+    assert!(
+        log.contains("MQTT 3.1.1 cannot tell the broker") && log.contains("max_packet_size"),
+        "{log}"
+    );
+    let err_topic = format!("{PREFIX}/error");
+    let c = Peer::v4(
+        broker.port,
+        "bystander",
+        &[&err_topic, &format!("{PREFIX}/response/+")],
+    );
+    let before = peak_rss(&d);
+    // Retained, so that it would also come back with every subscription.
+    assert!(publish_big(broker.port, &request_topic(), BIG, true));
+    let log = d.wait_log("dropped a message of");
+    // The size announced in the packet's header: payload, topic, packet id.
+    let announced = BIG + 2 + request_topic().len() + 2;
+    assert!(log.contains(&format!("of {announced} bytes")), "{log}");
+    let g = c.recv();
+    assert_eq!(g.topic, err_topic, "{:?}", g.body);
+    assert_eq!(g.body["code"], "payload_too_large", "{:?}", g.body);
+    let grown = peak_rss(&d).saturating_sub(before);
+    assert!(
+        grown < (BIG / 4) as u64,
+        "the daemon's peak RSS grew by {grown} bytes for a {BIG}-byte message"
+    );
+    // Reconnected once, then serving MQTT and the socket as before; the
+    // message is neither redelivered nor still retained.
+    d.wait_log("mqtt: reconnected");
+    c.publish(
+        &request_topic(),
+        greedy(json!("after"), "Hi", 2).to_string(),
+    );
+    let (_, done) = c.finish();
+    assert_eq!(done.body["event"], "done", "{:?}", done.body);
+    assert_eq!(
+        d.ask_socket(&json!({"op": "health", "id": 1}))["event"],
+        "health"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log();
+    assert_eq!(log.matches("dropped a message of").count(), 1, "{log}");
+    let probe = Peer::v4(broker.port, "probe", &[&request_topic()]);
+    if let Ok(g) = probe.rx.recv_timeout(Duration::from_secs(1)) {
+        assert!(g.raw.is_empty(), "still retained: {} bytes", g.raw.len());
+    }
+}
+
+#[test]
+fn v311_with_the_limit_at_the_broker_the_daemon_never_sees_a_big_message() {
+    // The README's Mosquitto example: the broker refuses the packet and
+    // disconnects its publisher.
+    let broker = Broker::with_listener(|_, port| {
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_packet_size 70000\n")
+    });
+    let d = Daemon::start(
+        &broker.url(),
+        "protocol = \"3.1.1\"\nbroker_max_packet_size = 70000",
+        "max_line_bytes = 4096",
+    );
+    assert!(!d.log().contains("cannot tell the broker"), "{}", d.log());
+    let c = Peer::v4(broker.port, "app", &[&format!("{PREFIX}/response/+")]);
+    let before = peak_rss(&d);
+    assert!(
+        !publish_big(broker.port, &request_topic(), BIG, false),
+        "the broker accepted a message over its max_packet_size"
+    );
+    c.publish(&request_topic(), greedy(json!("next"), "Hi", 2).to_string());
+    let (_, done) = c.finish();
+    assert_eq!(done.body["event"], "done", "{:?}", done.body);
+    let log = d.log();
+    assert!(
+        !log.contains("connection lost") && !log.contains("dropped a message"),
+        "{log}"
+    );
+    assert!(peak_rss(&d).saturating_sub(before) < (BIG / 4) as u64);
+}

@@ -98,6 +98,11 @@ pub struct MqttConfig {
     /// A request id seen again within this many seconds, for the same reply
     /// destination, is a redelivery and is not answered again.
     pub dedup_window_s: u64,
+    /// The broker's own limit on the messages it accepts, in bytes
+    /// (Mosquitto's `max_packet_size` or `message_size_limit`), as the
+    /// operator set it there. MQTT 3.1.1 cannot ask the broker for a
+    /// limit; stating it here says that nothing bigger can arrive.
+    pub broker_max_packet_size: Option<usize>,
 }
 
 impl Default for MqttConfig {
@@ -121,6 +126,7 @@ impl Default for MqttConfig {
             connect_attempts: 0,
             max_pending_messages: 4096,
             dedup_window_s: 600,
+            broker_max_packet_size: None,
         }
     }
 }

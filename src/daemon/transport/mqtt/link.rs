@@ -2,7 +2,7 @@
 //! separate clients for MQTT 5 and 3.1.1, and the transport above only needs
 //! to publish, subscribe and see a few kinds of events.
 
-use super::settings::{Protocol, Settings};
+use super::settings::{Protocol, Settings, MQTT_MAX_PACKET};
 use rumqttc::v5::mqttbytes::v5 as p5;
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ pub struct Received {
 pub enum LinkEvent {
     Connected {
         session_present: bool,
+        /// This connection started a clean session to get rid of a
+        /// message of this many bytes, over what the client reads (see
+        /// [`Connection::next`]).
+        dropped_oversize: Option<usize>,
     },
     Received(Received),
     /// A publish went out with this packet id (0 for QoS 0).
@@ -48,7 +52,15 @@ pub enum Client {
     V4(rumqttc::Client),
 }
 
-pub enum Connection {
+pub struct Connection {
+    inner: Inner,
+    /// The session setting to return to after a clean one.
+    clean: bool,
+    /// Set by an oversized packet until the next connection is up.
+    dropped_oversize: Option<usize>,
+}
+
+enum Inner {
     V5(Box<rumqttc::v5::Connection>),
     V4(Box<rumqttc::Connection>),
 }
@@ -56,27 +68,26 @@ pub enum Connection {
 /// Requests that may wait in rumqttc's channel; more wait in our outbox,
 /// which is where the bound and the accounting are.
 const CHANNEL: usize = 64;
-/// Room for the topic and properties beyond the payload limit.
-const HEADROOM: usize = 64 * 1024;
-/// MQTT's largest packet. A 3.1.1 client cannot ask the broker for less, and
-/// a packet over rumqttc's limit would drop the connection, after which the
-/// broker redelivers the same packet: so 3.1.1 reads anything, and the
-/// transport refuses what is over the payload limit.
-const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// The client and its connection, not connected yet: the connection
 /// connects when first polled.
 pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
     let keep_alive = Duration::from_secs(s.keep_alive_s.max(5));
+    let clean = s.session_expiry_s == 0;
+    let wrap = |inner| Connection {
+        inner,
+        clean,
+        dropped_oversize: None,
+    };
     match s.protocol {
         Protocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(&s.client_id, &s.host, s.port);
             o.set_keep_alive(keep_alive)
-                .set_clean_start(s.session_expiry_s == 0)
+                .set_clean_start(clean)
                 .set_connection_timeout(10)
                 // The broker drops what we could not read instead of
                 // sending it and cutting the connection.
-                .set_max_packet_size(Some((s.max_payload + HEADROOM).min(MQTT_MAX_PACKET) as u32))
+                .set_max_packet_size(Some(s.max_incoming_packet() as u32))
                 .set_last_will(p5::LastWill::new(
                     will.topic,
                     will.payload,
@@ -96,13 +107,15 @@ pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
                 )));
             }
             let (c, conn) = rumqttc::v5::Client::new(o, CHANNEL);
-            (Client::V5(c), Connection::V5(Box::new(conn)))
+            (Client::V5(c), wrap(Inner::V5(Box::new(conn))))
         }
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&s.client_id, &s.host, s.port);
             o.set_keep_alive(keep_alive)
-                .set_clean_session(s.session_expiry_s == 0)
-                .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET)
+                .set_clean_session(clean)
+                // 3.1.1 cannot tell the broker this limit; a bigger packet
+                // ends the connection at its header (see Connection::next).
+                .set_max_packet_size(s.max_incoming_packet(), MQTT_MAX_PACKET)
                 .set_last_will(rumqttc::LastWill::new(
                     will.topic,
                     will.payload,
@@ -118,7 +131,7 @@ pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
                 )));
             }
             let (c, conn) = rumqttc::Client::new(o, CHANNEL);
-            (Client::V4(c), Connection::V4(Box::new(conn)))
+            (Client::V4(c), wrap(Inner::V4(Box::new(conn))))
         }
     }
 }
@@ -194,12 +207,12 @@ impl Connection {
     /// transport resends what the broker has not confirmed itself, in its
     /// own order (rumqttc's replay follows packet ids, which wrap).
     pub fn forget_pending(&mut self) {
-        match self {
-            Connection::V5(c) => {
+        match &mut self.inner {
+            Inner::V5(c) => {
                 c.eventloop.clean();
                 c.eventloop.pending.clear();
             }
-            Connection::V4(c) => {
+            Inner::V4(c) => {
                 c.eventloop.clean();
                 c.eventloop.pending.clear();
             }
@@ -208,21 +221,79 @@ impl Connection {
 
     /// Drives the connection until its next event; connects (again) when
     /// not connected. `None`: every client handle is gone.
+    ///
+    /// A packet over the client's limit ends the connection at its fixed
+    /// header, so it is never buffered. The broker would deliver it again
+    /// to the same session after reconnection, forever; so the next
+    /// connection starts a clean session, which the broker opens without
+    /// that message (and without any others queued for the old one), and
+    /// the ones after it are persistent again.
     pub fn next(&mut self) -> Option<Result<LinkEvent, LinkError>> {
-        match self {
-            Connection::V5(c) => match c.recv().ok()? {
-                Ok(ev) => Some(Ok(event5(ev))),
-                Err(e) => Some(Err(LinkError {
-                    message: error5(&e),
-                })),
+        let (ev, oversize) = match &mut self.inner {
+            Inner::V5(c) => match c.recv().ok()? {
+                Ok(ev) => (Ok(event5(ev)), None),
+                Err(e) => (Err(error5(&e)), oversize5(&e)),
             },
-            Connection::V4(c) => match c.recv().ok()? {
-                Ok(ev) => Some(Ok(event4(ev))),
-                Err(e) => Some(Err(LinkError {
-                    message: error4(&e),
-                })),
+            Inner::V4(c) => match c.recv().ok()? {
+                Ok(ev) => (Ok(event4(ev)), None),
+                Err(e) => (Err(error4(&e)), oversize4(&e)),
             },
+        };
+        match ev {
+            Ok(LinkEvent::Connected {
+                session_present, ..
+            }) => {
+                let dropped_oversize = self.dropped_oversize.take();
+                if dropped_oversize.is_some() {
+                    self.set_clean(self.clean);
+                }
+                Some(Ok(LinkEvent::Connected {
+                    session_present,
+                    dropped_oversize,
+                }))
+            }
+            Ok(ev) => Some(Ok(ev)),
+            Err(message) => {
+                if let Some(n) = oversize {
+                    self.dropped_oversize = Some(n);
+                    self.set_clean(true);
+                }
+                Some(Err(LinkError { message }))
+            }
         }
+    }
+
+    fn set_clean(&mut self, clean: bool) {
+        match &mut self.inner {
+            Inner::V5(c) => {
+                c.eventloop.options.set_clean_start(clean);
+            }
+            Inner::V4(c) => {
+                c.eventloop.mqtt_options.set_clean_session(clean);
+            }
+        }
+    }
+}
+
+/// The announced size of a packet refused for being over the client's limit.
+fn oversize5(e: &rumqttc::v5::ConnectionError) -> Option<usize> {
+    use rumqttc::v5::mqttbytes::Error;
+    use rumqttc::v5::{ConnectionError, StateError};
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            Error::PayloadSizeLimitExceeded { pkt_size, .. },
+        )) => Some(*pkt_size),
+        _ => None,
+    }
+}
+
+fn oversize4(e: &rumqttc::ConnectionError) -> Option<usize> {
+    use rumqttc::{ConnectionError, Error, StateError};
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
     }
 }
 
@@ -232,6 +303,7 @@ fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
     match ev {
         Event::Incoming(Incoming::ConnAck(a)) => LinkEvent::Connected {
             session_present: a.session_present,
+            dropped_oversize: None,
         },
         Event::Incoming(Incoming::Publish(p)) => {
             let (response_topic, correlation) = match p.properties {
@@ -262,6 +334,7 @@ fn event4(ev: rumqttc::Event) -> LinkEvent {
     match ev {
         Event::Incoming(Incoming::ConnAck(a)) => LinkEvent::Connected {
             session_present: a.session_present,
+            dropped_oversize: None,
         },
         Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received(Received {
             topic: p.topic,

@@ -136,6 +136,9 @@ impl MqttServer {
             correlation: None,
         };
         let (client, connection) = link::open(&s, will);
+        if let Some(w) = s.packet_limit_warning() {
+            log_warn!("mqtt: {w}");
+        }
         log_info!(
             "mqtt: connecting to {} as '{}', requests on {}",
             s.url,
@@ -245,10 +248,16 @@ impl Shared {
         let mut down_since: Option<Instant> = None;
         while let Some(ev) = conn.next() {
             match ev {
-                Ok(LinkEvent::Connected { session_present }) => {
+                Ok(LinkEvent::Connected {
+                    session_present,
+                    dropped_oversize,
+                }) => {
                     ever_connected = true;
                     failures = 0;
                     wait = Duration::from_secs(1).min(max_wait);
+                    if let Some(n) = dropped_oversize {
+                        self.on_oversize_dropped(n);
+                    }
                     self.on_connected(session_present, down_since.take());
                 }
                 Ok(LinkEvent::Received(r)) => self.on_message(r),
@@ -340,8 +349,47 @@ impl Shared {
         self.push_status(self.online_status(&self.scheduler.health()));
     }
 
+    /// The connection broke at the header of a message over the client's
+    /// limit and this one started a clean session without it. A retained
+    /// one would come straight back with the subscription, so the request
+    /// topic's retained message is cleared first (retained requests are
+    /// never answered anyway), directly rather than through the outbox so
+    /// that it goes out before the subscription.
+    fn on_oversize_dropped(&self, size: usize) {
+        let limit = self.s.max_incoming_packet();
+        log_warn!(
+            "mqtt: dropped a message of {size} bytes on a subscribed topic (the daemon reads at most {limit}) \
+             by starting a clean broker session; requests queued in the old session are lost. \
+             Limit messages at the broker (max_packet_size) to avoid this"
+        );
+        let clear = Message {
+            topic: self.topics.request.clone(),
+            payload: Vec::new(),
+            retain: true,
+            correlation: None,
+        };
+        if self.client.try_publish(clear, 0).is_err() {
+            log_warn!(
+                "mqtt: cannot clear a retained message on {}",
+                self.topics.request
+            );
+        }
+        self.error_to(
+            None,
+            None,
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "a message of {size} bytes was dropped unread (the limit is {limit}), \
+                     with the requests queued behind it: send them again"
+                ),
+            ),
+        );
+    }
+
     fn on_published(&self, pkid: u16) {
-        if self.qos() == 0 {
+        // Packet id 0: a QoS 0 publish, which no confirmation follows.
+        if self.qos() == 0 || pkid == 0 {
             return;
         }
         let mut ob = lock(&self.outbox);

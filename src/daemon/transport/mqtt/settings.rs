@@ -36,6 +36,8 @@ pub struct Settings {
     pub session_expiry_s: u32,
     /// Largest request payload, in bytes.
     pub max_payload: usize,
+    /// The broker's limit on messages, as stated in `broker_max_packet_size`.
+    pub broker_max_packet_size: Option<usize>,
 }
 
 /// How long the broker keeps the session of a daemon that lost its
@@ -100,6 +102,13 @@ impl Settings {
             }
             None
         };
+        if let Some(n) = c.broker_max_packet_size {
+            if n < 20 || n > MQTT_MAX_PACKET {
+                return Err(format!(
+                    "broker_max_packet_size must be 20 to {MQTT_MAX_PACKET} bytes (MQTT's largest packet), got {n}"
+                ));
+            }
+        }
         for (name, v) in [
             ("max_pending_messages", c.max_pending_messages as u64),
             ("status_interval_s", c.status_interval_s),
@@ -128,9 +137,45 @@ impl Settings {
             dedup_window_s: c.dedup_window_s,
             session_expiry_s: SESSION_EXPIRY_S,
             max_payload,
+            broker_max_packet_size: c.broker_max_packet_size,
         })
     }
+
+    /// The largest packet the client reads from the broker. A bigger one
+    /// ends the connection at its fixed header, before any of it is
+    /// buffered. Room for the topic and properties beyond the payload
+    /// limit; a larger stated broker limit is read in full, since the
+    /// broker guarantees nothing bigger arrives, so such messages get a
+    /// `payload_too_large` reply instead of costing the session.
+    pub fn max_incoming_packet(&self) -> usize {
+        (self.max_payload + PACKET_HEADROOM)
+            .max(self.broker_max_packet_size.unwrap_or(0))
+            .min(MQTT_MAX_PACKET)
+    }
+
+    /// What to warn about at start-up: MQTT 3.1.1 cannot tell the broker
+    /// the largest packet the daemon reads, so without a broker-side
+    /// limit a bigger message reaches the daemon, which then has to drop
+    /// its broker session to get rid of it.
+    pub fn packet_limit_warning(&self) -> Option<String> {
+        if self.protocol != Protocol::V311 || self.broker_max_packet_size.is_some() {
+            return None;
+        }
+        Some(format!(
+            "MQTT 3.1.1 cannot tell the broker the largest message the daemon reads ({} bytes); \
+             a bigger one costs the daemon its broker session and the requests queued in it. \
+             Limit messages at the broker (Mosquitto: max_packet_size {}) and state that limit \
+             as broker_max_packet_size in [mqtt], or use protocol = \"5\"",
+            self.max_incoming_packet(),
+            self.max_incoming_packet()
+        ))
+    }
 }
+
+/// Room for the topic and properties beyond the payload limit.
+pub const PACKET_HEADROOM: usize = 64 * 1024;
+/// MQTT's largest packet (a remaining length of four bytes' worth).
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
 
 /// `mqtt://host[:port]` or `mqtts://host[:port]`, host possibly `[v6]`.
 fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
@@ -322,6 +367,50 @@ mod tests {
             assert!(check_topic_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_topic_level("device_id", "a/b").is_err());
+    }
+
+    #[test]
+    fn packet_limit_for_3_1_1_and_the_stated_broker_limit() {
+        let c = MqttConfig {
+            device_id: Some("pi4".into()),
+            protocol: "3.1.1".into(),
+            ..MqttConfig::default()
+        };
+        let s = Settings::resolve(&c, 1000).unwrap();
+        assert_eq!(s.max_incoming_packet(), 1000 + PACKET_HEADROOM);
+        let w = s
+            .packet_limit_warning()
+            .expect("3.1.1 without a broker limit");
+        assert!(w.contains("broker_max_packet_size") && w.contains("max_packet_size 66536"));
+        // Stated: no warning; a larger broker limit is read in full.
+        let stated = MqttConfig {
+            broker_max_packet_size: Some(1 << 20),
+            ..c.clone()
+        };
+        let s = Settings::resolve(&stated, 1000).unwrap();
+        assert_eq!(s.packet_limit_warning(), None);
+        assert_eq!(s.max_incoming_packet(), 1 << 20);
+        // MQTT 5 tells the broker itself.
+        let v5 = MqttConfig {
+            protocol: "5".into(),
+            ..c.clone()
+        };
+        assert_eq!(
+            Settings::resolve(&v5, 1000).unwrap().packet_limit_warning(),
+            None
+        );
+        for bad in [0, 19, MQTT_MAX_PACKET + 1] {
+            let e = Settings::resolve(
+                &MqttConfig {
+                    broker_max_packet_size: Some(bad),
+                    ..c.clone()
+                },
+                1000,
+            )
+            .err()
+            .unwrap();
+            assert!(e.contains("broker_max_packet_size"), "{e}");
+        }
     }
 
     #[test]
