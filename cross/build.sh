@@ -6,10 +6,12 @@
 #
 # TARGET defaults to aarch64-unknown-linux-gnu: the one binary for the
 # Raspberry Pi 4/5 and Jetson Orin (64-bit OS); the kernels pick NEON or
-# NEON+DotProd at run time. x86_64-unknown-linux-gnu builds natively.
-# Needs (scripts/setup.sh installs them): `rustup target add TARGET`, and
-# for aarch64 Debian's gcc-aarch64-linux-gnu and libc6-dev-arm64-cross,
-# used as the linker.
+# NEON+DotProd at run time. x86_64-unknown-linux-gnu is the x86-64 build.
+# Both link against glibc 2.31 (CRYSTALD_GLIBC) with cargo-zigbuild (see
+# cross/zig.sh), so they run on Debian 11/12, Ubuntu 20.04-24.04, JetPack
+# 5/6 and Raspberry Pi OS bullseye/bookworm. Needs (scripts/setup.sh
+# installs them): `rustup target add TARGET` and .venv's cargo-zigbuild
+# and ziglang.
 #
 # Prints the directory holding the two binaries on its last line.
 set -euo pipefail
@@ -32,18 +34,7 @@ for arg in "$@"; do
 done
 
 case "$target" in
-    aarch64-unknown-linux-gnu)
-        gcc=aarch64-linux-gnu-gcc
-        # Cargo and the cc crate read these; an explicit setting wins.
-        export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-$gcc}
-        export CC_aarch64_unknown_linux_gnu=${CC_aarch64_unknown_linux_gnu:-$gcc}
-        export AR_aarch64_unknown_linux_gnu=${AR_aarch64_unknown_linux_gnu:-aarch64-linux-gnu-ar}
-        if ! command -v "$gcc" >/dev/null; then
-            echo "build.sh: $gcc not found: apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross (or run scripts/setup.sh)" >&2
-            exit 2
-        fi
-        ;;
-    x86_64-unknown-linux-gnu) ;;
+    aarch64-unknown-linux-gnu | x86_64-unknown-linux-gnu) ;;
     armv7-unknown-linux-gnueabihf | arm-unknown-linux-gnueabihf)
         echo "build.sh: 32-bit Arm is not supported: a 7B model file does not fit a 32-bit address space (see cross/README.md)" >&2
         exit 2
@@ -64,7 +55,9 @@ if [ "$release" = 1 ]; then
     profile_flag=(--release)
     profile_dir=release
 fi
-cargo build --locked "${profile_flag[@]}" --target "$target" -p crystald -p crystal-quantize --bins
+# shellcheck source=cross/zig.sh
+. cross/zig.sh
+zig_cargo build --locked "${profile_flag[@]}" -p crystald -p crystal-quantize --bins
 
 out=${CARGO_TARGET_DIR:-target}/$target/$profile_dir
 for b in crystald crystal-quantize; do

@@ -13,9 +13,12 @@
 # variants do not share. About 2.5 minutes emulated. Timings under qemu
 # say nothing about speed on hardware.
 #
-# Release profile, so the build is shared with `cross/build.sh --release`.
-# Needs what scripts/setup.sh installs (qemu-user, gcc-aarch64-linux-gnu,
-# libc6-dev-arm64-cross, the rustup target). Not run here: tests/gguf_files
+# Release profile and the same zig linker against glibc 2.31 (cross/zig.sh),
+# so the build is shared with `cross/build.sh --release` and the tests run
+# the code that ships. qemu loads Debian's arm64 glibc from the cross
+# sysroot. Needs what scripts/setup.sh installs (qemu-user,
+# libc6-dev-arm64-cross, the rustup target, .venv's cargo-zigbuild and
+# ziglang). Not run here: tests/gguf_files
 # (it drives the x86 Python venv) and the tokenizer/CLI tests, which hold
 # no architecture-specific code.
 set -euo pipefail
@@ -23,13 +26,12 @@ cd "$(dirname "$0")/.."
 
 target=aarch64-unknown-linux-gnu
 sysroot=/usr/aarch64-linux-gnu
-export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=${CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER:-aarch64-linux-gnu-gcc}
-export CC_aarch64_unknown_linux_gnu=${CC_aarch64_unknown_linux_gnu:-aarch64-linux-gnu-gcc}
-for tool in qemu-aarch64 "$CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER"; do
-    command -v "$tool" >/dev/null || { echo "test-qemu.sh: $tool not found: run scripts/setup.sh" >&2; exit 2; }
-done
+command -v qemu-aarch64 >/dev/null || { echo "test-qemu.sh: qemu-aarch64 not found: run scripts/setup.sh" >&2; exit 2; }
+[ -e "$sysroot/lib/ld-linux-aarch64.so.1" ] || { echo "test-qemu.sh: no arm64 glibc in $sysroot: run scripts/setup.sh" >&2; exit 2; }
+# shellcheck source=cross/zig.sh
+. cross/zig.sh
 
-cargo_test=(cargo test --release --locked --target "$target" -p crystald)
+cargo_test=(zig_cargo test --release --locked -p crystald)
 "${cargo_test[@]}" --lib --test kernels --test engine_fixtures --no-run
 
 log=$(mktemp)

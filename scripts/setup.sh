@@ -13,6 +13,12 @@ fi
 if ! .venv/bin/python -c 'import gguf, numpy, safetensors' 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors
 fi
+# Release builds (cross/build.sh, cross/test-qemu.sh) link against glibc
+# 2.31 with zig, for every supported OS image: zig and cargo-zigbuild as
+# PyPI wheels (prebuilt, no compiling; about 100 MB in .venv).
+if ! .venv/bin/python -c 'import ziglang' 2>/dev/null || [ ! -x .venv/bin/cargo-zigbuild ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'ziglang==0.17.*' 'cargo-zigbuild==0.24.*'
+fi
 # Debian packages, gathered first so that apt runs (and updates) once.
 need=()
 # systemd-analyze and systemd-socket-activate: tests/systemd_units.rs checks
@@ -40,6 +46,15 @@ if [ "${CRYSTALD_SKIP_CROSS:-0}" != 1 ]; then
     command -v qemu-aarch64 >/dev/null || need+=(qemu-user)
     command -v dpkg-deb >/dev/null || need+=(dpkg)
 fi
+# tests/packaging.rs: installs the .deb into a temporary root (dpkg, whose
+# maintainer scripts use systemd-sysusers and systemd-tmpfiles from the
+# systemd package above), reads its changelog (dpkg-dev), starts the daemon
+# as the package's user (setpriv, util-linux); package-deb.sh reads the
+# binaries' symbol versions with readelf (binutils).
+command -v dpkg >/dev/null || need+=(dpkg)
+command -v dpkg-parsechangelog >/dev/null || need+=(dpkg-dev)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v readelf >/dev/null || need+=(binutils)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=()
     [ "$(id -u)" = 0 ] || sudo=(sudo)
