@@ -6,8 +6,9 @@
 #                        [--max-glibc VERSION]
 #
 # ARCH: arm64 (binaries from `cross/build.sh --release`) or amd64 (from
-# `cross/build.sh --release x86_64-unknown-linux-gnu`, or `cargo build
-# --release`). --bin-dir packages the crystald and crystal-quantize found
+# `cross/build.sh --release x86_64-unknown-linux-gnu`; a plain `cargo build
+# --release` links against the build machine's glibc and needs
+# --max-glibc of that). --bin-dir packages the crystald and crystal-quantize found
 # there instead. The package lands in --out (default
 # ${CARGO_TARGET_DIR:-target}/deb); its path is printed on the last line.
 # --systemd-dir takes the units and configuration from DIR (default
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
         --out) out_dir=${2:?--out needs a directory}; shift 2 ;;
         --systemd-dir) systemd_dir=${2:?--systemd-dir needs a directory}; shift 2 ;;
         --max-glibc) max_glibc=${2:?--max-glibc needs a version}; shift 2 ;;
-        -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) die "unknown option $1" ;;
         *) [ -z "$arch" ] || die "one ARCH only"; arch=$1; shift ;;
     esac
