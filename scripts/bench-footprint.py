@@ -9,7 +9,9 @@ usage: scripts/bench-footprint.sh MODEL.gguf   (builds the release binary first)
        python3 scripts/bench-footprint.py CRYSTALD MODEL.gguf
 
 Environment: THREADS (default: crystald's), IDLE_S [60], LONG_TOKENS [2000],
-MODES [off,background,wait], COLD [1] (0: skip the cold-start runs).
+MODES [off,background,wait], COLD [1] (0: skip the cold-start runs), REPS [3]
+(starts per mode and page-cache state; medians), PREFETCH [off] (the mode of
+the memory run), START_ONLY [0] (1: only the start-up table).
 """
 import json
 import os
@@ -25,6 +27,8 @@ idle_s = float(os.environ.get("IDLE_S", "60"))
 long_tokens = int(os.environ.get("LONG_TOKENS", "2000"))
 modes = os.environ.get("MODES", "off,background,wait").split(",")
 cold = os.environ.get("COLD", "1") == "1"
+reps = int(os.environ.get("REPS", "3"))
+start_only = os.environ.get("START_ONLY", "0") == "1"
 tmp = tempfile.mkdtemp(prefix="crystald-footprint-")
 clk = os.sysconf("SC_CLK_TCK")
 
@@ -127,79 +131,88 @@ start_rows = []
 one_token = {"id": 0, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
 for mode in modes:
     for kind in (["cold"] if cold else []) + ["warm"]:
-        if kind == "cold":
-            drop_caches()
-        else:
-            subprocess.run(["cat", model], stdout=subprocess.DEVNULL, check=True)
-        d = Daemon(mode)
-        t = time.monotonic()
-        d.ask(one_token)
-        first = time.monotonic() - d.t0
-        start_rows.append((mode, kind, d.ready_s, first, rss(d.p.pid)))
-        d.stop()
+        ready, first = [], []
+        for _ in range(reps):
+            if kind == "cold":
+                drop_caches()
+            else:
+                subprocess.run(["cat", model], stdout=subprocess.DEVNULL, check=True)
+            d = Daemon(mode)
+            d.ask(one_token)
+            first.append(time.monotonic() - d.t0)
+            ready.append(d.ready_s)
+            m = rss(d.p.pid)
+            d.stop()
+        start_rows.append((mode, kind, sorted(ready)[reps // 2], sorted(first)[reps // 2], m))
 
-prefetch = os.environ.get("PREFETCH", "off")
-d = Daemon(prefetch)
-rows.append(("idle after start", quiet_rss(d), ""))
-before = (cpu_ticks(d.p.pid), wakeups(d.p.pid))
-time.sleep(idle_s)
-after = (cpu_ticks(d.p.pid), wakeups(d.p.pid))
-idle_cpu = (after[0] - before[0]) / clk
-idle_wakeups = after[1] - before[1]
+def main_run():
+    global idle_cpu, idle_wakeups
+    prefetch = os.environ.get("PREFETCH", "off")
+    d = Daemon(prefetch)
+    rows.append(("idle after start", quiet_rss(d), ""))
+    before = (cpu_ticks(d.p.pid), wakeups(d.p.pid))
+    time.sleep(idle_s)
+    after = (cpu_ticks(d.p.pid), wakeups(d.p.pid))
+    idle_cpu = (after[0] - before[0]) / clk
+    idle_wakeups = after[1] - before[1]
 
-chat = {"id": 1, "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
-        "max_tokens": 100, "temperature": 0}
-r = d.ask(chat)
-u = r["usage"]
-rows.append(("after a 100-token chat", quiet_rss(d),
-             f'{u["prompt_tokens"]} prompt + {u["completion_tokens"]} generated'))
-words = " ".join(f"word{i}" for i in range(long_tokens))
-peak = {}
+    chat = {"id": 1, "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}],
+            "max_tokens": 100, "temperature": 0}
+    r = d.ask(chat)
+    u = r["usage"]
+    rows.append(("after a 100-token chat", quiet_rss(d),
+                 f'{u["prompt_tokens"]} prompt + {u["completion_tokens"]} generated'))
+    words = " ".join(f"word{i}" for i in range(long_tokens))
+    peak = {}
+
+    def sample():
+        now = rss(d.p.pid)
+        if now["RssAnon"] > peak.get("RssAnon", 0):
+            peak.update(now)
+
+    # Sized by tokens: cut the text until it tokenizes to just under the target.
+    def n_tokens(text):
+        out = subprocess.run([crystald, "tokenize", "-m", model, "--text", text],
+                             capture_output=True, text=True, check=True)
+        return len(json.loads(out.stdout))
+
+    target = long_tokens - 16 - 1  # room for the reply and <s>
+    all_words = words.split()
+    k = len(all_words)
+    for _ in range(4):
+        n = n_tokens(" ".join(all_words[:k]))
+        if target - 8 <= n <= target:
+            break
+        k = int(k * target / n)
+    words = " ".join(all_words[:k])
+    long_req = {"id": 2, "prompt": words, "max_tokens": 16, "temperature": 0}
+    t = time.monotonic()
+    r = d.ask(long_req, sample)
+    long_s = time.monotonic() - t
+    sample()
+    u = r["usage"]
+    rows.append((f"during a {u['prompt_tokens'] + u['completion_tokens']}-token request (peak)", peak,
+                 f'{u["prompt_tokens"]} prompt + {u["completion_tokens"]} generated, {long_s:.0f} s'))
+    rows.append(("after it finished", quiet_rss(d), ""))
+    d.stop()
 
 
-def sample():
-    now = rss(d.p.pid)
-    if now["RssAnon"] > peak.get("RssAnon", 0):
-        peak.update(now)
-
-
-# Sized by tokens: cut the text until it tokenizes to just under the target.
-def n_tokens(text):
-    out = subprocess.run([crystald, "tokenize", "-m", model, "--text", text],
-                         capture_output=True, text=True, check=True)
-    return len(json.loads(out.stdout))
-
-
-target = long_tokens - 16 - 1  # room for the reply and <s>
-all_words = words.split()
-k = len(all_words)
-for _ in range(4):
-    n = n_tokens(" ".join(all_words[:k]))
-    if target - 8 <= n <= target:
-        break
-    k = int(k * target / n)
-words = " ".join(all_words[:k])
-long_req = {"id": 2, "prompt": words, "max_tokens": 16, "temperature": 0}
-t = time.monotonic()
-r = d.ask(long_req, sample)
-long_s = time.monotonic() - t
-sample()
-u = r["usage"]
-rows.append((f"during a {u['prompt_tokens'] + u['completion_tokens']}-token request (peak)", peak,
-             f'{u["prompt_tokens"]} prompt + {u["completion_tokens"]} generated, {long_s:.0f} s'))
-rows.append(("after it finished", quiet_rss(d), ""))
-d.stop()
+if not start_only:
+    main_run()
 
 la = open("/proc/loadavg").read().split()[:3]
 print(f"model {model} ({os.path.getsize(model) / (1 << 30):.2f} GiB), load average {' '.join(la)}")
+if not start_only:
+    print()
+    print("| daemon state | RSS total | anonymous | file-backed | notes |")
+    print("|---|---|---|---|---|")
+    for name, m, note in rows:
+        print(f"| {name} | {mib(m['VmRSS'])} | {mib(m['RssAnon'])} | {mib(m['RssFile'])} | {note} |")
+    print()
+    print(f"Idle CPU over {idle_s:.0f} s: {idle_cpu:.2f} s ({100 * idle_cpu / idle_s:.2f} %), "
+          f"{idle_wakeups} context switches of all threads")
 print()
-print("| daemon state | RSS total | anonymous | file-backed | notes |")
-print("|---|---|---|---|---|")
-for name, m, note in rows:
-    print(f"| {name} | {mib(m['VmRSS'])} | {mib(m['RssAnon'])} | {mib(m['RssFile'])} | {note} |")
-print()
-print(f"Idle CPU over {idle_s:.0f} s: {idle_cpu:.2f} s ({100 * idle_cpu / idle_s:.2f} %), "
-      f"{idle_wakeups} context switches of all threads")
+print(f"Median of {reps} starts each:")
 print()
 print("| prefetch | page cache | time to READY=1 | time to first answer (1 token) | RSS file-backed after |")
 print("|---|---|---|---|---|")
