@@ -3,14 +3,16 @@
 table: RSS (total, anonymous, file-backed) at idle after start, after a
 100-token chat, during a ~2000-token request (peak) and after it finished;
 idle CPU over 60 s; time to READY=1 and to a first answer, cold (page cache
-dropped, needs root) and warm, for each `prefetch` mode; binary sizes.
+dropped, needs root; also with the request coming LATE_S after READY) and
+warm, for each `prefetch` mode; binary sizes.
 
 usage: scripts/bench-footprint.sh MODEL.gguf   (builds the release binary first)
        python3 scripts/bench-footprint.py CRYSTALD MODEL.gguf
 
 Environment: THREADS (default: crystald's), IDLE_S [60], LONG_TOKENS [2000],
 MODES [off,background,wait], COLD [1] (0: skip the cold-start runs), REPS [3]
-(starts per mode and page-cache state; medians), PREFETCH [off] (the mode of
+(starts per mode and page-cache state; medians), LATE_S [5] (how long after
+READY=1 the "asked later" row's request comes), PREFETCH [off] (the mode of
 the memory run), START_ONLY [0] (1: only the start-up table).
 """
 import json
@@ -28,6 +30,7 @@ long_tokens = int(os.environ.get("LONG_TOKENS", "2000"))
 modes = os.environ.get("MODES", "off,background,wait").split(",")
 cold = os.environ.get("COLD", "1") == "1"
 reps = int(os.environ.get("REPS", "3"))
+late_s = float(os.environ.get("LATE_S", "5"))
 start_only = os.environ.get("START_ONLY", "0") == "1"
 tmp = tempfile.mkdtemp(prefix="crystald-footprint-")
 clk = os.sysconf("SC_CLK_TCK")
@@ -130,16 +133,21 @@ rows = []
 start_rows = []
 one_token = {"id": 0, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
 for mode in modes:
-    for kind in (["cold"] if cold else []) + ["warm"]:
+    for kind in (["cold", f"cold, asked {late_s:.0f} s after READY"] if cold else []) + ["warm"]:
         ready, first = [], []
         for _ in range(reps):
-            if kind == "cold":
+            if kind.startswith("cold"):
                 drop_caches()
             else:
                 subprocess.run(["cat", model], stdout=subprocess.DEVNULL, check=True)
             d = Daemon(mode)
+            t = d.t0
+            if kind.startswith("cold,"):
+                # A request that comes a while after start: what the wait did.
+                time.sleep(late_s)
+                t = time.monotonic()
             d.ask(one_token)
-            first.append(time.monotonic() - d.t0)
+            first.append(time.monotonic() - t)
             ready.append(d.ready_s)
             m = rss(d.p.pid)
             d.stop()
@@ -214,7 +222,7 @@ if not start_only:
 print()
 print(f"Median of {reps} starts each:")
 print()
-print("| prefetch | page cache | time to READY=1 | time to first answer (1 token) | RSS file-backed after |")
+print("| prefetch | page cache | time to READY=1 | time to first answer (1 token; from the start, or from the request when asked later) | RSS file-backed after |")
 print("|---|---|---|---|---|")
 for mode, kind, ready, first, m in start_rows:
     print(f"| {mode} | {kind} | {ready:.2f} s | {first:.2f} s | {mib(m['RssFile'])} |")
