@@ -183,6 +183,24 @@ mod tests {
             .sum()
     }
 
+    /// qemu-user (the ARM tests run under it) ignores madvise, so the
+    /// release can only be seen where the kernel does it itself.
+    /// Probed on a map of its own, directly, so that a broken
+    /// `release` cannot hide behind it.
+    fn madvise_is_honoured() -> bool {
+        let mut m = MmapOptions::new().len(page_size()).map_anon().unwrap();
+        m[0] = 1;
+        // SAFETY: our own live map, whole; no references into it are held.
+        let r = unsafe {
+            nix::libc::madvise(
+                m.as_mut_ptr() as *mut nix::libc::c_void,
+                m.len(),
+                nix::libc::MADV_DONTNEED,
+            )
+        };
+        r == 0 && m[0] == 0
+    }
+
     #[test]
     fn pages_are_touched_as_positions_fill_and_released_after() {
         let page = page_size();
@@ -203,14 +221,19 @@ mod tests {
         }
         assert_eq!(resident(&c), 100 * n_layer * pages_per_pos);
         c.release_from(10);
-        assert_eq!(resident(&c), 10 * n_layer * pages_per_pos);
+        let released = madvise_is_honoured();
+        if released {
+            assert_eq!(resident(&c), 10 * n_layer * pages_per_pos);
+        }
         // What was kept is intact; what was released reads as zero.
         let KvSlice::F16(k) = c.k.view() else {
             unreachable!()
         };
         for l in 0..n_layer {
             assert!(k[c.at(l, 9)..c.at(l, 10)].iter().all(|&x| x == f16::ONE));
-            assert!(k[c.at(l, 10)..c.at(l, 11)].iter().all(|&x| x == f16::ZERO));
+            if released {
+                assert!(k[c.at(l, 10)..c.at(l, 11)].iter().all(|&x| x == f16::ZERO));
+            }
         }
     }
 
@@ -236,6 +259,8 @@ mod tests {
         }
         let per_page = page_size() / (width * 4);
         let kept_pages = 17usize.div_ceil(per_page);
-        assert_eq!(resident(&c), 2 * kept_pages);
+        if madvise_is_honoured() {
+            assert_eq!(resident(&c), 2 * kept_pages);
+        }
     }
 }
