@@ -196,17 +196,41 @@ fn lock_weights_without_the_privilege_says_which_limit_to_raise() {
 #[test]
 fn the_worker_gives_memory_back_when_idle() {
     let model = converted("tiny-a", "q4_0");
-    let s = Serve::ready(&model, &["--ctx", "256"], &[]);
+    let s = Serve::ready(&model, &["--ctx", "512"], &[]);
+    let socket = s.dir.path().join("d.sock");
+    let wait_kept = |n: usize| {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.log().matches("idle: kept").count() < n {
+            assert!(std::time::Instant::now() < until, "{}", s.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let line = s
+            .log()
+            .lines()
+            .filter(|l| l.contains("idle: kept"))
+            .last()
+            .unwrap()
+            .to_string();
+        line.split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+    };
     let reply = ask(
-        &s.dir.path().join("d.sock"),
+        &socket,
         r#"{"id": 1, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}"#,
     );
     assert!(reply.contains("\"done\""), "{reply}");
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !s.log().contains("idle: kept") {
-        assert!(std::time::Instant::now() < until, "{}", s.log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // A short request is kept whole for the prefix cache.
+    let short = wait_kept(1);
+    assert!((5..=25).contains(&short), "{short}");
+    // A long one is cut to kv_keep_tokens (256); the rest is given back.
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(40);
+    let line = serde_json::json!({"id": 2, "prompt": long, "max_tokens": 4, "temperature": 0});
+    let reply = ask(&socket, &line.to_string());
+    assert!(reply.contains("\"done\""), "{reply}");
+    assert_eq!(wait_kept(2), 256);
 }
 
 fn ask(socket: &Path, line: &str) -> String {
