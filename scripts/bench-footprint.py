@@ -15,8 +15,10 @@ MODES [off,background,wait], COLD [1] (0: skip the cold-start runs), REPS [3]
 READY=1 the "asked later" row's request comes), PREFETCH [off] (the mode of
 the memory run), START_ONLY [0] (1: only the start-up table).
 """
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +35,7 @@ reps = int(os.environ.get("REPS", "3"))
 late_s = float(os.environ.get("LATE_S", "5"))
 start_only = os.environ.get("START_ONLY", "0") == "1"
 tmp = tempfile.mkdtemp(prefix="crystald-footprint-")
+atexit.register(shutil.rmtree, tmp, True)
 clk = os.sysconf("SC_CLK_TCK")
 
 
