@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-# gguf: the reference GGUF reader/quantizer; safetensors+numpy: expected values.
-if ! .venv/bin/python -c 'import gguf, numpy, safetensors' 2>/dev/null; then
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors
+# gguf: the reference GGUF reader/quantizer; safetensors+numpy: expected
+# values; xxhash: recomputes the model file's checksum independently.
+if ! .venv/bin/python -c 'import gguf, numpy, safetensors, xxhash' 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors 'xxhash==3.*'
 fi
 # Release builds (cross/build.sh, cross/test-qemu.sh) link against glibc
 # 2.31 with zig, for every supported OS image: zig and cargo-zigbuild as

@@ -29,6 +29,8 @@ enum Command {
     Serve(cli::serve::Args),
     /// Ask a running daemon one question; the answer streams to stdout.
     Ask(cli::ask::Args),
+    /// Check a model file against the checksum it records, and time it.
+    Verify(cli::verify::Args),
 }
 
 fn main() {
@@ -40,6 +42,11 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Ask(a) => std::process::exit(cli::ask::run(a)),
+        Command::Verify(a) => cli::verify::run(a).map(|code| {
+            if code != 0 {
+                std::process::exit(code)
+            }
+        }),
     };
     if let Err(e) = result {
         eprintln!("crystald: error: {e:#}");

@@ -51,6 +51,9 @@ pub mod keys {
     pub const SYS_END_ID: &str = "tokenizer.crystalchat.sys_end_token_id";
 }
 
+/// The longest context any file may declare (see [`Hparams::max_context`]).
+pub const MAX_CONTEXT: usize = 1 << 17;
+
 /// Everything the forward pass needs to know about the model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hparams {
@@ -152,7 +155,32 @@ impl Hparams {
                 return Err(format!("{name} {v} is implausibly large"));
             }
         }
+        // The KV cache and rotary table are sized from the context, so a
+        // corrupt value must not get that far.
+        let max_ctx = self.max_context();
+        if self.context_length > max_ctx {
+            return Err(format!(
+                "context_length {} is beyond what the model can address: at most {max_ctx} \
+                 (the longest rotary wavelength, 2π·rope_freq_base^((rotary_dim-2)/rotary_dim), \
+                 and never more than {MAX_CONTEXT}); the file is corrupt or not a CrystalChat model",
+                self.context_length
+            ));
+        }
         Ok(())
+    }
+
+    /// The longest context a file may declare: positions further apart than
+    /// the slowest rotary frequency's wavelength look alike to attention, so
+    /// no checkpoint is trained past it; [`MAX_CONTEXT`] caps files without
+    /// rotary dimensions. 35 332 for CrystalChat (rotary_dim 32, base 10⁴),
+    /// whose real context is 2048.
+    pub fn max_context(&self) -> usize {
+        let rd = self.rotary_dim as f64;
+        if self.rotary_dim < 4 {
+            return MAX_CONTEXT;
+        }
+        let wavelength = std::f64::consts::TAU * (self.rope_freq_base as f64).powf((rd - 2.0) / rd);
+        (wavelength as usize).min(MAX_CONTEXT)
     }
 
     pub fn to_metadata(&self) -> Vec<(String, Value)> {

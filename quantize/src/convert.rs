@@ -78,6 +78,8 @@ pub struct Summary {
     pub params: u64,
     pub weight_bytes: u64,
     pub output_bytes: u64,
+    /// The checksum recorded in the file (`crystald verify` checks it).
+    pub checksum: u64,
     pub input_bytes: u64,
     pub elapsed: Duration,
 }
@@ -238,7 +240,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     let file =
         File::create(&tmp.path).with_context(|| format!("cannot create {}", tmp.path.display()))?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", opts.output.display());
-    let mut w = GgufWriter::new(
+    let mut w = GgufWriter::with_checksum(
         BufWriter::with_capacity(8 << 20, file),
         &metadata,
         specs.clone(),
@@ -281,11 +283,9 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
         }
         progress.tensor_done(&d.name, spec.ty, done_in);
     }
-    let file = w
-        .finish()
-        .map_err(out_err)?
-        .into_inner()
-        .map_err(|e| out_err(e.into_error()))?;
+    let (file, checksum) = w.finish_with_checksum().map_err(out_err)?;
+    summary.checksum = checksum;
+    let file = file.into_inner().map_err(|e| out_err(e.into_error()))?;
     file.sync_all().map_err(out_err)?;
     summary.output_bytes = file.metadata().map_err(out_err)?.len();
     drop(file);

@@ -162,13 +162,14 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             .map(|(t, n)| format!("{n} {t}"))
             .collect();
         eprintln!(
-            "wrote {}: {} tensors ({}), {:.2} bits/weight over {:.2}B weights, {:.2} GiB, in {:.1}s ({:.2} GB/s input), peak RSS {}",
+            "wrote {}: {} tensors ({}), {:.2} bits/weight over {:.2}B weights, {:.2} GiB, xxh3 {:016x}, in {:.1}s ({:.2} GB/s input), peak RSS {}",
             opts.output.display(),
             s.tensors_by_type.values().sum::<usize>(),
             types.join(", "),
             s.bits_per_weight(),
             s.params as f64 / 1e9,
             s.output_bytes as f64 / (1u64 << 30) as f64,
+            s.checksum,
             s.elapsed.as_secs_f64(),
             s.input_gb_per_s(),
             crystald::procfs::peak_rss().map_or("unknown".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod serve;
 pub mod tokenize;
+pub mod verify;
 
 use anyhow::{Context, Result};
 use crystald::kernels;

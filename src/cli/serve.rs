@@ -39,6 +39,18 @@ pub struct Args {
     /// error, warn, info, debug [config: log_level].
     #[arg(long)]
     log_level: Option<String>,
+    /// A memory budget that does not fit: error or warn [config: memory_check].
+    #[arg(long)]
+    memory_check: Option<String>,
+    /// mlock the mapped weights [config: lock_weights].
+    #[arg(long)]
+    lock_weights: bool,
+    /// Read the weights in at start: off, background, wait [config: prefetch].
+    #[arg(long)]
+    prefetch: Option<String>,
+    /// Check the model file's checksum before serving [config: verify_model].
+    #[arg(long)]
+    verify_model: bool,
 }
 
 impl Args {
@@ -52,7 +64,10 @@ impl Args {
             };
         }
         set!(socket => cfg.socket, queue_size => cfg.queue_size,
-             kv_type => cfg.kv_type, log_level => cfg.log_level);
+             kv_type => cfg.kv_type, log_level => cfg.log_level,
+             memory_check => cfg.memory_check, prefetch => cfg.prefetch);
+        cfg.lock_weights |= self.lock_weights;
+        cfg.verify_model |= self.verify_model;
         cfg.model = self.model.or(cfg.model);
         cfg.threads = self.threads.or(cfg.threads);
         cfg.kernels = self.kernels.or(cfg.kernels);

@@ -40,6 +40,17 @@ pub struct Config {
     pub ctx: Option<usize>,
     /// KV cache element type: f16 or f32.
     pub kv_type: String,
+    /// Cached tokens kept for prefix reuse when the worker goes idle; the
+    /// memory of the rest of the KV cache is given back.
+    pub kv_keep_tokens: usize,
+    /// What a start-up memory budget that does not fit does: "error" or "warn".
+    pub memory_check: String,
+    /// mlock the mapped weights.
+    pub lock_weights: bool,
+    /// Reading the weights in at start: "off", "background" or "wait".
+    pub prefetch: String,
+    /// Check the model file's checksum before serving (reads the whole file).
+    pub verify_model: bool,
     /// Requests that may wait while one runs; more get `busy`.
     pub queue_size: usize,
     /// `max_tokens` for requests that do not say.
@@ -144,6 +155,11 @@ impl Default for Config {
             kernels: None,
             ctx: None,
             kv_type: "f16".into(),
+            kv_keep_tokens: 256,
+            memory_check: "error".into(),
+            lock_weights: false,
+            prefetch: "off".into(),
+            verify_model: false,
             queue_size: 8,
             default_max_tokens: 512,
             max_line_bytes: 1 << 20,
@@ -186,6 +202,13 @@ impl Config {
                 self.kv_type
             ));
         }
+        if !["error", "warn"].contains(&self.memory_check.as_str()) {
+            return Err(format!(
+                "memory_check must be error or warn, got '{}'",
+                self.memory_check
+            ));
+        }
+        self.prefetch_mode()?;
         for (name, v) in [
             ("queue_size", self.queue_size),
             ("default_max_tokens", self.default_max_tokens),
@@ -216,6 +239,15 @@ impl Config {
                     self.socket_mode
                 )
             })
+    }
+
+    pub fn prefetch_mode(&self) -> Result<crate::model::Prefetch, String> {
+        crate::model::Prefetch::parse(&self.prefetch).ok_or_else(|| {
+            format!(
+                "prefetch must be off, background or wait, got '{}'",
+                self.prefetch
+            )
+        })
     }
 
     pub fn level(&self) -> Result<Level, String> {

@@ -4,6 +4,7 @@
 //! - [`scheduler`]: the bounded queue and the inference worker;
 //! - [`transport`]: how clients connect (the Unix socket, MQTT);
 //! - [`access`]: which peers are served;
+//! - [`budget`]: the memory the daemon needs, checked at start;
 //! - [`lifecycle`]: sockets, signals, systemd notifications;
 //! - [`config`], [`logging`].
 //!
@@ -12,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod budget;
 pub mod config;
 pub mod lifecycle;
 pub mod logging;
@@ -19,14 +21,15 @@ pub mod protocol;
 pub mod scheduler;
 pub mod transport;
 
-use crate::model::{KvType, Model};
+use crate::gguf::checksum::Verdict;
+use crate::model::{KvType, Model, Prefetch};
 use crate::tokenizer::Tokenizer;
 use config::Config;
-use logging::{log_error, log_info};
+use logging::{log_error, log_info, log_warn};
 use scheduler::{Scheduler, SchedulerConfig};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use transport::mqtt::MqttServer;
 use transport::unix::{UnixOptions, UnixServer};
 
@@ -70,24 +73,33 @@ pub fn serve(
         log_info!("stop requested while loading; exiting");
         return Ok(());
     }
-    let n_ctx = cfg.ctx.unwrap_or(model.hp.context_length);
+    let n_ctx = cfg
+        .ctx
+        .unwrap_or(model.hp.context_length)
+        .min(model.hp.context_length);
+    let kv_type = KvType::parse(&cfg.kv_type).expect("validated");
     let name = model.name().to_string();
     log_info!(
-        "model {name}: {} layers, context {} (serving {}), kernels {}, {} threads",
+        "model {name}: {} layers, context {} (serving {n_ctx}), kernels {}, {} threads",
         model.hp.n_layer,
         model.hp.context_length,
-        n_ctx.min(model.hp.context_length),
         model.kernels.name(),
         model.threads()
     );
+    prepare(&cfg, &model, n_ctx, kv_type)?;
+    if signals.try_recv().is_ok() {
+        log_info!("stop requested while preparing; exiting");
+        return Ok(());
+    }
     let worker = Scheduler::start(
         model,
         Arc::new(tok),
         SchedulerConfig {
             queue_size: cfg.queue_size,
             n_ctx,
-            kv_type: KvType::parse(&cfg.kv_type).expect("validated"),
+            kv_type,
             default_max_tokens: cfg.default_max_tokens,
+            kv_keep_tokens: cfg.kv_keep_tokens,
         },
     );
     let mut server = UnixServer::spawn(
@@ -114,13 +126,22 @@ pub fn serve(
     // Any message, or the handler's channel closing, means stop; so does
     // an MQTT connection that was configured to give up.
     let mut failure = None;
-    while let Err(mpsc::RecvTimeoutError::Timeout) =
-        signals.recv_timeout(Duration::from_millis(250))
-    {
-        if let Some(e) = mqtt.as_ref().and_then(|m| m.fatal()) {
-            log_error!("{e}");
-            failure = Some(e);
-            break;
+    match &mqtt {
+        // Nothing else to watch: sleep until a signal (an idle daemon wakes
+        // for nothing).
+        None => {
+            let _ = signals.recv();
+        }
+        Some(m) => {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                signals.recv_timeout(Duration::from_millis(250))
+            {
+                if let Some(e) = m.fatal() {
+                    log_error!("{e}");
+                    failure = Some(e);
+                    break;
+                }
+            }
         }
     }
     lifecycle::notify("STOPPING=1\nSTATUS=Stopping: finishing the running request");
@@ -143,4 +164,57 @@ pub fn serve(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// What happens between loading the model and serving: the memory budget,
+/// the integrity check, locking and prefetching the weights. Errors stop
+/// the daemon before it reports READY.
+fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result<(), String> {
+    let budget = budget::Budget::new(model, n_ctx, kv_type);
+    match budget.shortfall() {
+        Ok(None) => log_info!("memory budget: {} fits", budget.summary()),
+        Ok(Some(why)) if cfg.memory_check == "warn" => log_warn!("{why} (memory_check = warn)"),
+        Ok(Some(why)) => return Err(why),
+        Err(e) => log_warn!("memory budget not checked: {e}"),
+    }
+    let path = cfg.model.as_deref().expect("validated").display();
+    if cfg.verify_model {
+        lifecycle::notify("STATUS=Verifying the model file");
+        let t = Instant::now();
+        match model.verify() {
+            v @ Verdict::Match(_) => log_info!(
+                "{path}: {} in {:.1}s",
+                v.describe(),
+                t.elapsed().as_secs_f64()
+            ),
+            v @ Verdict::Mismatch { .. } => return Err(format!("{path}: {}", v.describe())),
+            v @ Verdict::Absent => log_warn!("{path}: {}", v.describe()),
+        }
+    } else if !model.has_checksum() {
+        log_info!("note: {path}: {}", Verdict::Absent.describe());
+    }
+    if cfg.lock_weights {
+        lifecycle::notify("STATUS=Locking the weights in memory");
+        let t = Instant::now();
+        model.lock_weights()?;
+        log_info!(
+            "locked the model's {} MiB in memory in {:.1}s",
+            model.file_bytes() >> 20,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let how = cfg.prefetch_mode()?;
+    if how != Prefetch::Off {
+        lifecycle::notify("STATUS=Reading the weights in");
+        let t = Instant::now();
+        model
+            .prefetch(how)
+            .map_err(|e| format!("prefetch = {}: {e}", cfg.prefetch))?;
+        log_info!(
+            "prefetch {}: {:.1}s",
+            cfg.prefetch,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }

@@ -128,6 +128,9 @@ pub struct SchedulerConfig {
     pub n_ctx: usize,
     pub kv_type: KvType,
     pub default_max_tokens: usize,
+    /// Cached tokens kept for prefix reuse when the worker goes idle; the
+    /// rest of the KV cache and the scratch memory are given back.
+    pub kv_keep_tokens: usize,
 }
 
 /// Cheap to clone; every clone talks to the same worker.
@@ -180,7 +183,7 @@ impl Scheduler {
                     }
                 }
                 let alive = Alive(for_worker);
-                work(&alive.0, &model, cfg.kv_type);
+                work(&alive.0, &model, cfg.kv_type, cfg.kv_keep_tokens);
             })
             .expect("cannot start the inference worker thread");
         Worker {
@@ -374,8 +377,9 @@ fn cancelled_before_start(job: &Job) -> Event {
 }
 
 /// The worker loop: takes jobs until shutdown empties the queue.
-fn work(shared: &Shared, model: &Model, kv_type: KvType) {
+fn work(shared: &Shared, model: &Model, kv_type: KvType, keep: usize) {
     let mut session = Session::new(model, shared.limits.n_ctx, kv_type);
+    let mut released = true;
     loop {
         let job = {
             let mut st = shared.lock();
@@ -387,9 +391,20 @@ fn work(shared: &Shared, model: &Model, kv_type: KvType) {
                 if !st.accepting {
                     return;
                 }
+                if !released {
+                    // Idle now: give back what the last requests grew, but
+                    // not between queued requests (they may share a prefix).
+                    drop(st);
+                    session.release(keep);
+                    released = true;
+                    log_debug!("idle: kept {} cached tokens", session.pos());
+                    st = shared.lock();
+                    continue;
+                }
                 st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
+        released = false;
         // A bug in one request must not end the service: the client gets
         // an error and the session, whose state is unknown, starts afresh.
         let mut job = job;

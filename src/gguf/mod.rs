@@ -8,8 +8,10 @@
 //! offset relative to the data section), padding to `general.alignment`,
 //! then the data section. Strings are a u64 byte length and UTF-8 bytes.
 //!
-//! [`reader`] memory-maps and validates a file; [`writer`] streams one out.
+//! [`reader`] memory-maps and validates a file; [`writer`] streams one out;
+//! [`checksum`] is the integrity check over the whole file.
 
+pub mod checksum;
 pub mod reader;
 pub mod writer;
 

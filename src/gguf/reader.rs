@@ -49,6 +49,9 @@ pub struct Header {
     pub alignment: u64,
     /// Absolute offset of the data section.
     pub data_offset: u64,
+    /// Where the file's checksum value is (absolute offset) and what it
+    /// says, when the file has one (see [`super::checksum`]).
+    pub checksum: Option<(u64, u64)>,
 }
 
 struct Cursor<'a> {
@@ -193,13 +196,21 @@ impl Header {
         let n_kv = c.count(13, "metadata count")?;
 
         let mut metadata = Vec::with_capacity(n_kv);
+        let mut checksum = None;
         for _ in 0..n_kv {
             let key = c.string("a metadata key")?;
             if metadata.iter().any(|(k, _): &(String, Value)| *k == key) {
                 return Err(c.err(format!("metadata key '{key}' appears twice")));
             }
             let ty = c.u32(&key)?;
+            let at = c.pos as u64;
             let value = c.value(ty, 0, &key)?;
+            if key == super::checksum::KEY {
+                match value {
+                    Value::U64(v) => checksum = Some((at, v)),
+                    _ => return Err(c.err(format!("{key} must be a u64, found {value:?}"))),
+                }
+            }
             metadata.push((key, value));
         }
 
@@ -307,6 +318,7 @@ impl Header {
             tensors,
             alignment,
             data_offset,
+            checksum,
         })
     }
 

@@ -17,7 +17,7 @@
 //! weight block is loaded once per batch); generation runs one token at a
 //! time against the cache.
 
-use super::kv_cache::{KvCache, KvStore, KvType};
+use super::kv_cache::{KvCache, KvSlice, KvType};
 use super::ops;
 use super::{EngineError, Model, TensorLoc};
 use crate::kernels::{ActType, Acts, Weight};
@@ -35,6 +35,17 @@ pub enum Logits {
     Last,
     /// Every token's, `[n_tokens, vocab]` (evaluation).
     All,
+}
+
+/// The most scratch memory a session uses (the buffers below at a full
+/// batch, and the per-thread attention scores), for the start-up budget.
+pub fn scratch_bytes(hp: &crate::model_file::Hparams, n_ctx: usize) -> u64 {
+    let (t, d, ff, vocab) = (MAX_BATCH, hp.n_embd, hp.n_ff, hp.vocab_size);
+    let widest = vocab.max(ff).max(3 * d);
+    let floats = t * (4 * d + 3 * d + 2 * ff) + t * widest + t * vocab;
+    let q8 = t * ff.max(d) / QK * std::mem::size_of::<BlockQ8_0>();
+    let rope = n_ctx * hp.rotary_dim / 2 * 8;
+    (floats * 4 + q8 + rope + n_ctx * 4 * 64) as u64
 }
 
 pub struct Session {
@@ -61,8 +72,12 @@ impl Session {
         let hp = &model.hp;
         let n_ctx = n_ctx.clamp(1, hp.context_length);
         let d = hp.n_embd;
+        let kv = KvCache::new(kv_type, hp.n_layer, n_ctx, d).unwrap_or_else(|e| {
+            let mib = KvCache::full_bytes(kv_type, hp.n_layer, n_ctx, d) >> 20;
+            panic!("cannot reserve {mib} MiB of address space for the KV cache: {e}")
+        });
         Session {
-            kv: KvCache::new(kv_type, hp.n_layer, n_ctx, d),
+            kv,
             history: Vec::with_capacity(n_ctx),
             rope: ops::rope_table(n_ctx, hp.rotary_dim, hp.rope_freq_base),
             x: Vec::with_capacity(MAX_BATCH * d),
@@ -100,6 +115,29 @@ impl Session {
     /// Forgets everything after the first `n` tokens (kept for prefix reuse).
     pub fn truncate(&mut self, n: usize) {
         self.history.truncate(n);
+    }
+
+    /// Between requests: keeps the first `keep` cached tokens for prefix
+    /// reuse and returns the memory of the rest of the KV cache and of the
+    /// scratch buffers to the system, so one long request does not leave
+    /// the process owning its peak for good.
+    pub fn release(&mut self, keep: usize) {
+        self.history.truncate(keep);
+        self.kv.release_from(self.history.len());
+        for v in [
+            &mut self.x,
+            &mut self.h,
+            &mut self.qkv,
+            &mut self.att,
+            &mut self.proj,
+            &mut self.up,
+            &mut self.gate,
+            &mut self.transposed,
+            &mut self.logits,
+        ] {
+            *v = Vec::new();
+        }
+        self.q8 = Vec::new();
     }
 
     /// Runs `tokens` at positions `pos()..pos() + tokens.len()` and returns
@@ -306,6 +344,7 @@ impl Session {
         let scale = hp.attention_scale();
         let (kv, qkv, pos0) = (&self.kv, &self.qkv, self.history.len());
         let base = kv.at(layer, 0);
+        let (kc, vc) = (kv.k.view(), kv.v.view());
         self.att.resize(t * d, 0.0);
         model.pool.install(|| {
             self.att.par_chunks_mut(hd).enumerate().for_each_init(
@@ -317,9 +356,9 @@ impl Session {
                     scores.clear();
                     for j in 0..n_keys {
                         let off = base + j * d + head * hd;
-                        let s = match &kv.k {
-                            KvStore::F32(c) => k.dot_f32(q, &c[off..off + hd]),
-                            KvStore::F16(c) => k.dot_f16(q, &c[off..off + hd]),
+                        let s = match kc {
+                            KvSlice::F32(c) => k.dot_f32(q, &c[off..off + hd]),
+                            KvSlice::F16(c) => k.dot_f16(q, &c[off..off + hd]),
                         };
                         scores.push(s * scale);
                     }
@@ -327,9 +366,9 @@ impl Session {
                     out.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
                         let off = base + j * d + head * hd;
-                        match &kv.v {
-                            KvStore::F32(c) => k.axpy_f32(p, &c[off..off + hd], out),
-                            KvStore::F16(c) => k.axpy_f16(p, &c[off..off + hd], out),
+                        match vc {
+                            KvSlice::F32(c) => k.axpy_f32(p, &c[off..off + hd], out),
+                            KvSlice::F16(c) => k.axpy_f16(p, &c[off..off + hd], out),
                         }
                     }
                 },

@@ -9,9 +9,11 @@ pub mod forward;
 pub mod kv_cache;
 pub mod mapping_guard;
 pub mod ops;
+pub mod residency;
 
 pub use forward::{Logits, Session};
 pub use kv_cache::KvType;
+pub use residency::Prefetch;
 
 use crate::gguf::{self, Gguf, TensorInfo};
 use crate::kernels::{Kernels, Weight};
@@ -188,6 +190,24 @@ impl Model {
 
     pub fn file_bytes(&self) -> u64 {
         self.file.file_len()
+    }
+
+    /// Reads the whole file and compares it with its recorded checksum.
+    pub fn verify(&self) -> gguf::checksum::Verdict {
+        gguf::checksum::verify(&self.file)
+    }
+
+    pub fn has_checksum(&self) -> bool {
+        self.file.header.checksum.is_some()
+    }
+
+    /// Pins the weights in memory (`lock_weights`).
+    pub fn lock_weights(&self) -> Result<(), String> {
+        residency::lock(self.file.map())
+    }
+
+    pub fn prefetch(&self, how: Prefetch) -> std::io::Result<()> {
+        residency::prefetch(self.file.map(), how)
     }
 
     fn weight(&self, t: TensorLoc) -> Weight<'_> {
@@ -377,6 +397,27 @@ mod tests {
             + key.len()
             + 4;
         file[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[test]
+    fn an_absurd_context_length_is_refused_before_anything_is_sized() {
+        let hp = hparams(1);
+        // rotary_dim 8, base 1e4: the slowest frequency repeats every 6283 positions.
+        assert_eq!(hp.max_context(), 6283);
+        for (ctx, ok) in [(6283, true), (6284, false), (u32::MAX, false)] {
+            let mut f = model_file(&hp);
+            set_u32(&mut f, keys::CONTEXT_LENGTH, ctx);
+            let r = check_header(&Header::parse(&f).unwrap());
+            if ok {
+                r.unwrap();
+            } else {
+                let e = r.unwrap_err();
+                let named = format!(
+                    "context_length {ctx} is beyond what the model can address: at most 6283"
+                );
+                assert!(e.contains(&named) || e.contains("implausibly large"), "{e}");
+            }
+        }
     }
 
     #[test]

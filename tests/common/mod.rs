@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod services;
+pub mod startup;
 
 use crystal_quantize::convert::{self, Preset, Progress};
 use crystald::quant::GgmlType;

@@ -12,7 +12,25 @@ import sys
 
 import gguf
 import numpy as np
+import xxhash
 from safetensors.numpy import load_file
+
+CHECKSUM_KEY = "crystald.checksum.xxh3_64"
+
+
+def check_checksum(path, reader):
+    """The recorded checksum is XXH3-64 of the whole file with its own
+    8-byte value read as zeros, computed here independently."""
+    f = reader.fields[CHECKSUM_KEY]
+    assert f.types[0] == gguf.GGUFValueType.UINT64, f"{CHECKSUM_KEY} is {f.types[0]}"
+    stored = int(f.parts[f.data[0]][0])
+    data = bytearray(open(path, "rb").read())
+    key = CHECKSUM_KEY.encode()
+    at = data.find(key) + len(key) + 4  # the key, then the u32 value type
+    assert int.from_bytes(data[at:at + 8], "little") == stored
+    data[at:at + 8] = bytes(8)
+    actual = xxhash.xxh3_64_intdigest(bytes(data))
+    assert actual == stored, f"checksum {stored:016x} recorded, file hashes to {actual:016x}"
 
 REQUIRED = [
     "general.architecture",
@@ -54,6 +72,7 @@ def main(path, expected_path):
     missing = [k for k in REQUIRED if k not in reader.fields]
     assert not missing, f"metadata missing: {missing}"
     assert field_value(reader, "general.architecture") == "crystalcoder"
+    check_checksum(path, reader)
     tok = field_value(reader, "tokenizer.huggingface.json")
     assert '"<|im_start|>"' in tok, "embedded tokenizer lacks the chat tokens"
     assert field_value(reader, "tokenizer.crystalchat.im_start_token_id") == 32018

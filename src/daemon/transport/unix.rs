@@ -63,6 +63,9 @@ impl Registry {
 /// The running transport; see [`UnixServer::stop_accepting`] and [`UnixServer::close`].
 pub struct UnixServer {
     stop: Arc<AtomicBool>,
+    /// Dropped to wake the accept loop, which otherwise sleeps in poll
+    /// until a client connects (an idle daemon never wakes).
+    wake: Option<UnixStream>,
     acceptor: Option<JoinHandle<()>>,
     registry: Arc<Registry>,
 }
@@ -78,12 +81,14 @@ impl UnixServer {
         let stop = Arc::new(AtomicBool::new(false));
         let registry = Arc::new(Registry::default());
         let (s, r) = (stop.clone(), registry.clone());
+        let (wake, woken) = UnixStream::pair().expect("cannot create a socket pair");
         let acceptor = std::thread::Builder::new()
             .name("crystald-accept".into())
-            .spawn(move || accept_loop(&listener, &s, &r, &scheduler, &access, &opts))
+            .spawn(move || accept_loop(&listener, &woken, &s, &r, &scheduler, &access, &opts))
             .expect("cannot start the accept thread");
         UnixServer {
             stop,
+            wake: Some(wake),
             acceptor: Some(acceptor),
             registry,
         }
@@ -93,6 +98,7 @@ impl UnixServer {
     /// connections keep being served.
     pub fn stop_accepting(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        drop(self.wake.take());
         if let Some(t) = self.acceptor.take() {
             let _ = t.join();
         }
@@ -128,6 +134,7 @@ impl UnixServer {
 
 fn accept_loop(
     listener: &UnixListener,
+    woken: &UnixStream,
     stop: &AtomicBool,
     registry: &Arc<Registry>,
     scheduler: &Scheduler,
@@ -135,8 +142,12 @@ fn accept_loop(
     opts: &UnixOptions,
 ) {
     while !stop.load(Ordering::SeqCst) {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(TICK.as_millis() as u16)) {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[1].any().unwrap_or(false) => continue,
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,

@@ -1,0 +1,83 @@
+//! Keeping the mapped weights in memory: reading them in before the first
+//! request (`prefetch`) and pinning them so that memory pressure from other
+//! software cannot page the model out between requests (`lock_weights`).
+
+use memmap2::{Advice, Mmap};
+
+/// How the weights get into memory at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// On first use: start-up is immediate, the first request reads the
+    /// file as it goes.
+    Off,
+    /// Ask the kernel to read the file in the background (`MADV_WILLNEED`)
+    /// and start serving at once.
+    Background,
+    /// Read every page before serving (`MADV_POPULATE_READ`): the first
+    /// request runs at full speed, start-up takes as long as the read.
+    Wait,
+}
+
+impl Prefetch {
+    pub fn parse(s: &str) -> Option<Prefetch> {
+        match s {
+            "off" => Some(Prefetch::Off),
+            "background" => Some(Prefetch::Background),
+            "wait" => Some(Prefetch::Wait),
+            _ => None,
+        }
+    }
+}
+
+pub fn prefetch(map: &Mmap, how: Prefetch) -> std::io::Result<()> {
+    match how {
+        Prefetch::Off => Ok(()),
+        Prefetch::Background => map.advise(Advice::WillNeed),
+        Prefetch::Wait => match map.advise(Advice::PopulateRead) {
+            Ok(()) => Ok(()),
+            // Before Linux 5.14: fault every page in by reading it.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                let _ = map.advise(Advice::WillNeed);
+                let mut sum = 0u8;
+                for b in map.iter().step_by(4096) {
+                    sum = sum.wrapping_add(*b);
+                }
+                std::hint::black_box(sum);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Locks every page of the map in memory (reading it in first).
+pub fn lock(map: &Mmap) -> Result<(), String> {
+    map.lock().map_err(|e| {
+        let mib = (map.len() as u64).div_ceil(1 << 20);
+        let limit = memlock_limit()
+            .map(|l| format!(" (now {})", human(l)))
+            .unwrap_or_default();
+        format!(
+            "lock_weights: cannot lock the model's {mib} MiB in memory: {e}. Raise \
+             RLIMIT_MEMLOCK{limit} to at least {mib} MiB (under systemd: \
+             LimitMEMLOCK=infinity in the unit; in a shell: ulimit -l), or \
+             grant CAP_IPC_LOCK, or set lock_weights = false"
+        )
+    })
+}
+
+fn memlock_limit() -> Option<u64> {
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).ok()?;
+    Some(soft)
+}
+
+fn human(bytes: u64) -> String {
+    if bytes == nix::libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}
