@@ -14,6 +14,12 @@ fi
 if ! .venv/bin/python -c 'import gguf, numpy, safetensors, xxhash' 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'gguf==0.19.*' numpy safetensors 'xxhash==3.*'
 fi
+# tests/http.rs drives the HTTP API with the official `openai` client (its
+# HTTP library, httpx2, gives the Unix-socket transport) and parses
+# /metrics with prometheus_client's parser.
+if ! .venv/bin/python -c 'import openai, prometheus_client' 2>/dev/null; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'openai==3.*' 'prometheus_client==0.*'
+fi
 # Release builds (cross/build.sh, cross/test-qemu.sh) link against glibc
 # 2.31 with zig, for every supported OS image: zig and cargo-zigbuild as
 # PyPI wheels (prebuilt, no compiling; about 100 MB in .venv).
@@ -35,6 +41,8 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v openssl >/dev/null || need+=(openssl)
+# tests/http.rs runs the README's curl examples.
+command -v curl >/dev/null || need+=(curl)
 # Fuzzing: libfuzzer-sys compiles libFuzzer's C++ sources.
 command -v c++ >/dev/null || need+=(g++)
 # ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and

@@ -168,16 +168,31 @@ fn example_config_documents_every_setting() {
             "systemd/crystald.toml does not show mqtt '{key}'"
         );
     }
-    // The commented [mqtt] example, uncommented, is a valid configuration.
+    let http = serde_json::to_value(crystald::daemon::config::HttpConfig::default()).unwrap();
+    for key in http.as_object().unwrap().keys() {
+        assert!(
+            shown(key),
+            "systemd/crystald.toml does not show http '{key}'"
+        );
+    }
+    // The commented [http] and [mqtt] examples, uncommented, are a valid
+    // configuration.
     let example: String = text
         .lines()
-        .skip_while(|l| *l != "# [mqtt]")
+        .skip_while(|l| *l != "# [http]")
         .map(|l| l.strip_prefix("# ").unwrap_or(l))
         .filter(|l| l.starts_with('[') || l.contains(" = "))
         .map(|l| format!("{l}\n"))
         .collect();
     let cfg = Config::parse(&example).unwrap_or_else(|e| panic!("{e}\n{example}"));
     assert!(cfg.mqtt.is_some());
+    assert_eq!(
+        cfg.http,
+        Some(crystald::daemon::config::HttpConfig {
+            api_key_file: Some("/etc/crystald/api-keys".into()),
+            ..Default::default()
+        })
+    );
 }
 
 #[test]

@@ -36,6 +36,11 @@ pub struct Args {
     /// Topic prefix [config: mqtt.prefix; default crystal/<hostname>].
     #[arg(long)]
     mqtt_prefix: Option<String>,
+    /// Also serve the OpenAI-compatible HTTP API on HOST:PORT or
+    /// unix:/PATH; repeatable [config: http.listen]. Keys and limits are set
+    /// in the config file's [http] table.
+    #[arg(long = "http", value_name = "ADDR")]
+    http: Vec<String>,
     /// error, warn, info, debug [config: log_level].
     #[arg(long)]
     log_level: Option<String>,
@@ -80,6 +85,9 @@ impl Args {
             if let Some(prefix) = self.mqtt_prefix {
                 m.prefix = Some(prefix);
             }
+        }
+        if !self.http.is_empty() {
+            cfg.http.get_or_insert_with(Default::default).listen = self.http;
         }
         Ok(cfg)
     }

@@ -66,6 +66,43 @@ pub struct Config {
     pub log_level: String,
     /// The MQTT transport; absent: no MQTT.
     pub mqtt: Option<MqttConfig>,
+    /// The OpenAI-compatible HTTP transport; absent: no HTTP.
+    pub http: Option<HttpConfig>,
+}
+
+/// `[http]`: the OpenAI-compatible API (see `systemd/crystald.toml`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `HOST:PORT` (TCP) or `unix:/PATH` (a socket file with `socket_mode`,
+    /// `socket_group` and the allow-lists of the Unix transport).
+    pub listen: Vec<String>,
+    /// Bearer tokens that may use the API, one per line (`#` comments).
+    pub api_key_file: Option<PathBuf>,
+    /// Serve a TCP address outside loopback without an API key.
+    pub allow_unauthenticated: bool,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Seconds a client has to send a whole request once it started one.
+    pub read_timeout_s: f64,
+    /// Seconds an idle kept-alive connection is kept open.
+    pub keep_alive_s: f64,
+    /// Open HTTP connections; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: vec!["127.0.0.1:8080".into()],
+            api_key_file: None,
+            allow_unauthenticated: false,
+            max_body_bytes: 1 << 20,
+            read_timeout_s: 10.0,
+            keep_alive_s: 30.0,
+            max_connections: 64,
+        }
+    }
 }
 
 /// `[mqtt]`: the broker connection and topics (see `systemd/crystald.toml`).
@@ -168,6 +205,7 @@ impl Default for Config {
             drain_timeout_s: 10.0,
             log_level: "info".into(),
             mqtt: None,
+            http: None,
         }
     }
 }
@@ -225,6 +263,27 @@ impl Config {
         }
         if !(self.drain_timeout_s.is_finite() && self.drain_timeout_s >= 0.0) {
             return Err("drain_timeout_s must be a number of seconds >= 0".into());
+        }
+        if let Some(h) = &self.http {
+            if h.listen.is_empty() {
+                return Err("http.listen needs at least one address".into());
+            }
+            for (name, v) in [
+                ("http.max_body_bytes", h.max_body_bytes),
+                ("http.max_connections", h.max_connections),
+            ] {
+                if v == 0 {
+                    return Err(format!("{name} must be at least 1"));
+                }
+            }
+            for (name, v) in [
+                ("http.read_timeout_s", h.read_timeout_s),
+                ("http.keep_alive_s", h.keep_alive_s),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(format!("{name} must be a number of seconds > 0"));
+                }
+            }
         }
         Ok(())
     }

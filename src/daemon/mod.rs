@@ -2,7 +2,8 @@
 //!
 //! - [`protocol`]: requests, replies and their checks (transport-neutral);
 //! - [`scheduler`]: the bounded queue and the inference worker;
-//! - [`transport`]: how clients connect (the Unix socket, MQTT);
+//! - [`transport`]: how clients connect (the Unix socket, MQTT, HTTP);
+//! - [`metrics`]: counters and histograms of the requests served;
 //! - [`access`]: which peers are served;
 //! - [`budget`]: the memory the daemon needs, checked at start;
 //! - [`lifecycle`]: sockets, signals, systemd notifications;
@@ -17,6 +18,7 @@ pub mod budget;
 pub mod config;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod scheduler;
 pub mod transport;
@@ -30,6 +32,7 @@ use scheduler::{Scheduler, SchedulerConfig};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use transport::http::HttpServer;
 use transport::mqtt::MqttServer;
 use transport::unix::{UnixOptions, UnixServer};
 
@@ -54,6 +57,15 @@ pub fn serve(
     };
     let access = access::Access::resolve(&cfg.allowed_users, &cfg.allowed_groups)?;
     let signals = lifecycle::signals()?;
+    // Bound before loading, so a port in use fails at once.
+    let http_bound = match &cfg.http {
+        Some(h) => Some(transport::http::bind(
+            h,
+            cfg.mode()?,
+            cfg.socket_group.as_deref(),
+        )?),
+        None => None,
+    };
     let (listener, bound) = match lifecycle::inherited_listener()? {
         Some(l) => {
             log_info!("using the socket passed by systemd");
@@ -105,7 +117,7 @@ pub fn serve(
     let mut server = UnixServer::spawn(
         listener,
         worker.scheduler().clone(),
-        access,
+        access.clone(),
         UnixOptions {
             max_line_bytes: cfg.max_line_bytes,
             max_pending_replies: cfg.max_pending_replies,
@@ -114,6 +126,8 @@ pub fn serve(
     );
     let mqtt =
         mqtt_settings.map(|s| MqttServer::spawn(s, worker.scheduler().clone(), name.clone()));
+    let mut http = http_bound
+        .map(|b| HttpServer::spawn(b, worker.scheduler().clone(), access.clone(), name.clone()));
     let sched = worker.scheduler().clone();
     let watchdog = lifecycle::start_watchdog(move || sched.is_alive());
     let where_ = match &bound {
@@ -150,11 +164,17 @@ pub fn serve(
         cfg.drain_timeout_s
     );
     server.stop_accepting();
+    if let Some(h) = &mut http {
+        h.stop_accepting();
+    }
     drop(bound);
     worker.shutdown(Duration::from_secs_f64(cfg.drain_timeout_s), &signals);
     server.close(FLUSH_TIMEOUT);
     if let Some(m) = mqtt {
         m.close(FLUSH_TIMEOUT);
+    }
+    if let Some(h) = http {
+        h.close(FLUSH_TIMEOUT);
     }
     if let Some(w) = watchdog {
         w.store(true, Ordering::SeqCst);

@@ -8,6 +8,7 @@
 //! [`EventSink`], which must return at once.
 
 use super::logging::{log_debug, log_error, log_info};
+use super::metrics::{self, Metrics};
 use super::protocol::{
     ApiError, Done, ErrorCode, Event, Health, Limits, Logprobs, Request, Timings, Usage,
 };
@@ -47,11 +48,17 @@ struct Job {
     sink: Box<dyn EventSink>,
     /// Whether the final event was sent.
     answered: bool,
+    metrics: Arc<Metrics>,
 }
 
 impl Job {
     fn finish(&mut self, event: Event) {
         debug_assert!(event.is_final());
+        match &event {
+            Event::Done(d) => self.metrics.done(d),
+            Event::Error(e) => self.metrics.error(e.code),
+            Event::Token { .. } | Event::Health(_) => {}
+        }
         self.answered = true;
         self.sink.send(event);
     }
@@ -84,8 +91,10 @@ struct Shared {
     limits: Limits,
     capacity: usize,
     model_name: String,
+    kernels: &'static str,
     started: Instant,
     worker_alive: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl Shared {
@@ -166,8 +175,10 @@ impl Scheduler {
             },
             capacity: cfg.queue_size,
             model_name: model.name().to_string(),
+            kernels: model.kernels.name(),
             started: Instant::now(),
             worker_alive: AtomicBool::new(true),
+            metrics: Arc::new(Metrics::default()),
         });
         let for_worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -200,6 +211,11 @@ impl Scheduler {
     /// happens here, on the caller's thread, so bad requests never reach the
     /// queue and the worker only computes.
     pub fn submit(&self, req: &Request, sink: Box<dyn EventSink>) -> Result<JobHandle, ApiError> {
+        self.enqueue(req, sink)
+            .inspect_err(|e| self.shared.metrics.error(e.code))
+    }
+
+    fn enqueue(&self, req: &Request, sink: Box<dyn EventSink>) -> Result<JobHandle, ApiError> {
         let arrived = Instant::now();
         let p = req.prepare(&self.shared.tok, &self.shared.limits, random_seed)?;
         let cancel = Arc::new(AtomicBool::new(false));
@@ -237,6 +253,7 @@ impl Scheduler {
             cancel: cancel.clone(),
             sink,
             answered: false,
+            metrics: self.shared.metrics.clone(),
         });
         drop(st);
         self.shared.changed.notify_all();
@@ -281,6 +298,24 @@ impl Scheduler {
             tokens_per_s: stats.last_tokens_per_s,
             avg_tokens_per_s: stats.decoded_tokens_total as f64 / stats.decode_secs_total.max(1e-9),
         }
+    }
+
+    /// The Prometheus exposition of the requests served so far.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render(
+            &self.health(),
+            &metrics::Info {
+                version: env!("CARGO_PKG_VERSION"),
+                model: &self.shared.model_name,
+                kernels: self.shared.kernels,
+            },
+        )
+    }
+
+    /// Records a request refused by a transport before it reached
+    /// [`Scheduler::submit`] (a body too large, not JSON...).
+    pub fn count_refused(&self, code: ErrorCode) {
+        self.shared.metrics.error(code);
     }
 
     /// Whether the worker thread is still running (it only ends on shutdown

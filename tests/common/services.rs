@@ -229,13 +229,19 @@ impl Daemon {
     /// Starts `crystald serve` with `[mqtt]` settings `mqtt` (TOML lines)
     /// and top-level settings `top`; does not wait.
     pub fn spawn(url: &str, mqtt: &str, top: &str) -> Daemon {
+        Self::spawn_config(
+            &format!("{top}\n[mqtt]\ndevice_id = \"test\"\nstatus_interval_s = 1\n{mqtt}\n"),
+            &["--mqtt-url", url],
+        )
+    }
+
+    /// Starts `crystald serve` on the tiny-a q4_0 fixture with the
+    /// configuration file `config` and extra flags; does not wait. The
+    /// socket is `sock` in the daemon's directory, the log `log`.
+    pub fn spawn_config(config: &str, args: &[&str]) -> Daemon {
         let dir = temp_dir();
         let cfg = dir.path().join("crystald.toml");
-        std::fs::write(
-            &cfg,
-            format!("{top}\n[mqtt]\ndevice_id = \"test\"\nstatus_interval_s = 1\n{mqtt}\n"),
-        )
-        .unwrap();
+        std::fs::write(&cfg, config).unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_crystald"))
             .args([
@@ -253,7 +259,7 @@ impl Daemon {
             .arg(dir.path().join("sock"))
             .arg("--config")
             .arg(&cfg)
-            .args(["--mqtt-url", url])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

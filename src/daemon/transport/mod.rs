@@ -2,5 +2,6 @@
 //! replies and owns its connections; queueing and inference are the
 //! scheduler's, shared by every transport.
 
+pub mod http;
 pub mod mqtt;
 pub mod unix;
