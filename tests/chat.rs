@@ -44,7 +44,15 @@ impl Daemon {
         std::fs::write(&cfg, "").unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
-            .args(["serve", "--threads", "1", "--ctx", "512", "--log-level", "debug"])
+            .args([
+                "serve",
+                "--threads",
+                "1",
+                "--ctx",
+                "512",
+                "--log-level",
+                "debug",
+            ])
             .arg("--model")
             .arg(model())
             .arg("--socket")
@@ -74,7 +82,11 @@ impl Daemon {
     fn wait_log(&self, what: &str) {
         let until = Instant::now() + WAIT;
         while !self.log().contains(what) {
-            assert!(Instant::now() < until, "log never said {what:?}: {}", self.log());
+            assert!(
+                Instant::now() < until,
+                "log never said {what:?}: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -85,7 +97,9 @@ impl Daemon {
             .lines()
             .filter_map(|l| {
                 let rest = &l[l.find("request done: ")? + "request done: ".len()..];
-                let mut words = rest.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty());
+                let mut words = rest
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter(|w| !w.is_empty());
                 Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
             })
             .collect()
@@ -165,17 +179,21 @@ fn a_conversation_keeps_its_turns_until_reset() {
     let dir = temp_dir();
     let mut p = chat_in_pty(&d.socket, &["--max-tokens", "8"]);
 
-    say(&mut p, "Hello there");
-    say(&mut p, "And again");
+    // Greedy on this fixture, both get a non-empty reply.
+    say(&mut p, "What is a Raspberry Pi?");
+    say(&mut p, "Why?");
     let saved = save(&mut p, &dir.path().join("two.json"));
     assert_eq!(
         roles(&saved),
         ["user", "assistant", "user", "assistant"],
         "{saved:?}"
     );
-    assert_eq!(saved[0].1, "Hello there");
-    assert_eq!(saved[2].1, "And again");
-    assert!(!saved[1].1.is_empty() && !saved[3].1.is_empty(), "{saved:?}");
+    assert_eq!(saved[0].1, "What is a Raspberry Pi?");
+    assert_eq!(saved[2].1, "Why?");
+    assert!(
+        !saved[1].1.is_empty() && !saved[3].1.is_empty(),
+        "{saved:?}"
+    );
     // The second request carried the first turn: a longer prompt, whose
     // start the daemon's prefix cache already held.
     d.wait_log("finish");
@@ -267,7 +285,8 @@ fn scripted_direct_chat_answers_each_line() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let script = format!("Hello there\nAnd again\n/save {}\n", saved.display());
+    // Greedy, "Hello there" gets an empty reply: still one line of stdout.
+    let script = format!("Hello there\nWhy?\n/save {}\n", saved.display());
     child
         .stdin
         .take()
@@ -278,7 +297,10 @@ fn scripted_direct_chat_answers_each_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(!stdout.contains(PROMPT), "no prompt when scripted: {stdout:?}");
+    assert!(
+        !stdout.contains(PROMPT),
+        "no prompt when scripted: {stdout:?}"
+    );
     let v: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
     assert_eq!(v.len(), 4, "{v:?}");
     // stdout is exactly the two replies, each ended by a newline.
@@ -288,7 +310,13 @@ fn scripted_direct_chat_answers_each_line() {
         .collect();
     let expected: String = replies
         .iter()
-        .map(|r| if r.ends_with('\n') { r.to_string() } else { format!("{r}\n") })
+        .map(|r| {
+            if r.ends_with('\n') {
+                r.to_string()
+            } else {
+                format!("{r}\n")
+            }
+        })
         .collect();
     assert_eq!(stdout, expected);
 }

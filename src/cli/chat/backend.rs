@@ -238,7 +238,9 @@ impl Direct {
     fn params(&self) -> Result<GenerateParams, String> {
         let s = &self.sampling;
         let sampling = SamplingParams {
-            temperature: s.temperature.unwrap_or(SamplingParams::default().temperature),
+            temperature: s
+                .temperature
+                .unwrap_or(SamplingParams::default().temperature),
             seed: s.seed.unwrap_or_else(crate::cli::generate::random_seed),
             ..SamplingParams::default()
         };

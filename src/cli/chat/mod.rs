@@ -163,9 +163,7 @@ enum Line {
 
 impl Input {
     fn terminal(history: Option<PathBuf>) -> rustyline::Result<Input> {
-        let config = rustyline::Config::builder()
-            .auto_add_history(false)
-            .build();
+        let config = rustyline::Config::builder().auto_add_history(false).build();
         let mut editor = DefaultEditor::with_config(config)?;
         if let Some(path) = &history {
             // A missing or unreadable history only means an empty one.
@@ -176,20 +174,18 @@ impl Input {
 
     fn read(&mut self, prompt: &str) -> std::io::Result<Line> {
         match self {
-            Input::Terminal { editor, .. } => {
-                match editor.readline(prompt) {
-                    Ok(line) => {
-                        if !line.trim().is_empty() {
-                            let _ = editor.add_history_entry(line.as_str());
-                        }
-                        Ok(Line::Text(line))
+            Input::Terminal { editor, .. } => match editor.readline(prompt) {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        let _ = editor.add_history_entry(line.as_str());
                     }
-                    Err(ReadlineError::Interrupted) => Ok(Line::Interrupted),
-                    Err(ReadlineError::Eof) => Ok(Line::Eof),
-                    Err(ReadlineError::Io(e)) => Err(e),
-                    Err(e) => Err(std::io::Error::other(e)),
+                    Ok(Line::Text(line))
                 }
-            }
+                Err(ReadlineError::Interrupted) => Ok(Line::Interrupted),
+                Err(ReadlineError::Eof) => Ok(Line::Eof),
+                Err(ReadlineError::Io(e)) => Err(e),
+                Err(e) => Err(std::io::Error::other(e)),
+            },
             Input::Plain(stdin) => {
                 let mut line = String::new();
                 if stdin.read_line(&mut line)? == 0 {
@@ -323,8 +319,8 @@ impl Chat {
             }
             "save" if arg.is_empty() => note("usage: /save FILE"),
             "save" => {
-                let json = serde_json::to_string_pretty(&self.messages())
-                    .expect("messages serialise");
+                let json =
+                    serde_json::to_string_pretty(&self.messages()).expect("messages serialise");
                 match std::fs::write(arg, json + "\n") {
                     Ok(()) => self.say(format_args!("saved to {arg}")),
                     Err(e) => note(format!("cannot write {arg}: {e}")),
@@ -343,7 +339,8 @@ impl Chat {
         messages.push(Message::user(text));
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let mut ended_with_newline = true;
+        let mut printed = false;
+        let mut ended_with_newline = false;
         let mut write_error: Option<std::io::Error> = None;
         let outcome = {
             // A scripted chat keeps the default: Ctrl-C ends it.
@@ -352,6 +349,7 @@ impl Chat {
                 if piece.is_empty() {
                     return Flow::Continue;
                 }
+                printed = true;
                 ended_with_newline = piece.ends_with('\n');
                 match out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
                     Ok(()) => Flow::Continue,
@@ -370,7 +368,11 @@ impl Chat {
             note(format!("writing the reply: {e}"));
             return Next::Exit(FAILED);
         }
-        if !ended_with_newline {
+        // Every reply, even an empty one, ends in a newline, so a script
+        // reading stdout sees one reply per message; a failed turn prints
+        // nothing of its own.
+        let replied = matches!(outcome, Outcome::Reply { .. });
+        if (printed || replied) && !ended_with_newline {
             let _ = writeln!(out);
         }
         let _ = out.flush();
