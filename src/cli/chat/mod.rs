@@ -147,7 +147,7 @@ fn history_path(a: &Args) -> Option<PathBuf> {
 
 enum Input {
     Terminal {
-        editor: DefaultEditor,
+        editor: Box<DefaultEditor>,
         history: Option<PathBuf>,
     },
     /// Scripted use: one line per message, no prompt, no editing.
@@ -169,7 +169,10 @@ impl Input {
             // A missing or unreadable history only means an empty one.
             let _ = editor.load_history(path);
         }
-        Ok(Input::Terminal { editor, history })
+        Ok(Input::Terminal {
+            editor: Box::new(editor),
+            history,
+        })
     }
 
     fn read(&mut self, prompt: &str) -> std::io::Result<Line> {
