@@ -106,14 +106,12 @@ impl Daemon {
     }
 }
 
-/// `crystald chat` in a pseudo-terminal, greedy, with no history file.
-fn chat_in_pty(socket: &Path, extra: &[&str]) -> PtySession {
+/// `crystald chat` in a pseudo-terminal, greedy.
+fn chat_in_pty(args: &[&str]) -> PtySession {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_crystald"));
     cmd.arg("chat")
-        .arg("--socket")
-        .arg(socket)
-        .args(["--temperature", "0", "--no-history"])
-        .args(extra)
+        .args(["--temperature", "0"])
+        .args(args)
         .env("TERM", "xterm")
         .env_remove("CRYSTALD_SOCKET");
     let mut p = spawn_with_options(
@@ -177,7 +175,16 @@ fn exits_with(p: &mut PtySession, code: i32) {
 fn a_conversation_keeps_its_turns_until_reset() {
     let d = Daemon::start();
     let dir = temp_dir();
-    let mut p = chat_in_pty(&d.socket, &["--max-tokens", "8"]);
+    let history = dir.path().join("state/history");
+    let socket = d.socket.to_str().unwrap();
+    let mut p = chat_in_pty(&[
+        "--socket",
+        socket,
+        "--max-tokens",
+        "8",
+        "--history",
+        history.to_str().unwrap(),
+    ]);
 
     // Greedy on this fixture, both get a non-empty reply.
     say(&mut p, "What is a Raspberry Pi?");
@@ -231,6 +238,11 @@ fn a_conversation_keeps_its_turns_until_reset() {
     assert!(out.contains("/reset"), "{out}");
     p.send_line("/exit").unwrap();
     exits_with(&mut p, 0);
+    let lines = std::fs::read_to_string(&history).expect("history written");
+    assert!(
+        lines.contains("first line\\") && lines.contains("/bogus"),
+        "{lines}"
+    );
 }
 
 #[test]
@@ -238,7 +250,50 @@ fn ctrl_c_stops_a_reply_and_the_chat_goes_on() {
     let d = Daemon::start();
     let dir = temp_dir();
     // Long enough to still be streaming when Ctrl-C arrives.
-    let mut p = chat_in_pty(&d.socket, &["--max-tokens", "480"]);
+    let socket = d.socket.to_str().unwrap();
+    let mut p = chat_in_pty(&["--socket", socket, "--max-tokens", "480", "--no-history"]);
+    interrupt_a_reply(&mut p);
+    d.wait_log("finish cancelled");
+
+    // The stopped turn is forgotten; the next one works.
+    say(&mut p, "Short one");
+    let saved = save(&mut p, &dir.path().join("after.json"));
+    assert_eq!(roles(&saved), ["user", "assistant"], "{saved:?}");
+    assert_eq!(saved[0].1, "Short one");
+
+    // Ctrl-C at the prompt clears the line; a second one in a row leaves.
+    p.send("half a line").unwrap();
+    p.send_control('c').unwrap();
+    p.exp_string("Ctrl-C again").unwrap();
+    p.send_control('c').unwrap();
+    exits_with(&mut p, 0);
+}
+
+#[test]
+fn ctrl_c_stops_a_reply_in_direct_mode_too() {
+    let dir = temp_dir();
+    let model = model();
+    let mut p = chat_in_pty(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--max-tokens",
+        "480",
+        "--no-history",
+    ]);
+    interrupt_a_reply(&mut p);
+    say(&mut p, "Why?");
+    let saved = save(&mut p, &dir.path().join("after.json"));
+    assert_eq!(roles(&saved), ["user", "assistant"], "{saved:?}");
+    // Ctrl-D leaves.
+    p.send_control('d').unwrap();
+    exits_with(&mut p, 0);
+}
+
+/// Asks for a long reply, presses Ctrl-C once it streams, and checks the
+/// chat stopped it and is still there.
+fn interrupt_a_reply(p: &mut PtySession) {
     p.send_line("Tell me a long story").unwrap();
     p.exp_string("Tell me a long story").unwrap();
     // The first piece of the reply: it is streaming now.
@@ -255,20 +310,6 @@ fn ctrl_c_stops_a_reply_and_the_chat_goes_on() {
     let out = p.exp_string(PROMPT).expect("the prompt comes back");
     assert!(out.contains("stopped"), "{out}");
     assert_eq!(p.process.status(), Some(WaitStatus::StillAlive));
-    d.wait_log("finish cancelled");
-
-    // The stopped turn is forgotten; the next one works.
-    say(&mut p, "Short one");
-    let saved = save(&mut p, &dir.path().join("after.json"));
-    assert_eq!(roles(&saved), ["user", "assistant"], "{saved:?}");
-    assert_eq!(saved[0].1, "Short one");
-
-    // Ctrl-C at the prompt clears the line; a second one in a row leaves.
-    p.send("half a line").unwrap();
-    p.send_control('c').unwrap();
-    p.exp_string("Ctrl-C again").unwrap();
-    p.send_control('c').unwrap();
-    exits_with(&mut p, 0);
 }
 
 #[test]
