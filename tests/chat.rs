@@ -363,6 +363,53 @@ fn scripted_direct_chat_answers_each_line() {
 }
 
 #[test]
+fn daemon_errors_are_printed_and_the_chat_goes_on() {
+    let d = Daemon::start();
+    let dir = temp_dir();
+    let saved = dir.path().join("chat.json");
+    // More than the daemon's context: every turn is refused.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
+        .arg("chat")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--max-tokens", "100000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!("Hi\nAgain\n/bogus\n/save {}\n", saved.display());
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = wait_output(child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr.matches("invalid_request").count(), 2, "{stderr}");
+    assert!(stderr.contains("unknown command /bogus"), "{stderr}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "");
+    // The refused turns are not part of the conversation.
+    assert_eq!(std::fs::read_to_string(&saved).unwrap().trim(), "[]");
+}
+
+#[test]
+fn bad_flags_in_direct_mode_are_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crystald"))
+        .arg("chat")
+        .arg("--model")
+        .arg(model())
+        .args(["--threads", "1", "--temperature=-1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("temperature"));
+}
+
+#[test]
 fn no_daemon_is_exit_69() {
     let dir = temp_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))

@@ -224,15 +224,26 @@ pub struct Direct {
 const DEFAULT_MAX_TOKENS: u64 = 512;
 
 impl Direct {
-    pub fn new(model: Model, tok: Tokenizer, n_ctx: Option<usize>, sampling: Sampling) -> Direct {
+    /// Fails on flags no turn could use, so they are reported once, up front.
+    pub fn new(
+        model: Model,
+        tok: Tokenizer,
+        n_ctx: Option<usize>,
+        sampling: Sampling,
+    ) -> Result<Direct, String> {
         let n_ctx = n_ctx.unwrap_or(model.hp.context_length);
+        if n_ctx == 0 {
+            return Err("--ctx must be at least 1".into());
+        }
         let session = Session::new(&model, n_ctx, KvType::F16);
-        Direct {
+        let direct = Direct {
             model,
             tok,
             session,
             sampling,
-        }
+        };
+        direct.params()?;
+        Ok(direct)
     }
 
     fn params(&self) -> Result<GenerateParams, String> {

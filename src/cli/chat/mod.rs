@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 const OK: i32 = 0;
 const FAILED: i32 = 1;
+const USAGE: i32 = 2;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -83,7 +84,13 @@ pub fn run(a: Args) -> i32 {
     };
     let mut backend: Box<dyn Backend> = match &a.model {
         Some(path) => match super::load(path, a.threads, a.kernels.as_deref()) {
-            Ok((model, tok)) => Box::new(Direct::new(model, tok, a.ctx, sampling)),
+            Ok((model, tok)) => match Direct::new(model, tok, a.ctx, sampling) {
+                Ok(d) => Box::new(d),
+                Err(e) => {
+                    note(e);
+                    return USAGE;
+                }
+            },
             Err(e) => {
                 note(format!("{e:#}"));
                 return FAILED;
