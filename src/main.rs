@@ -29,6 +29,8 @@ enum Command {
     Serve(cli::serve::Args),
     /// Ask a running daemon one question; the answer streams to stdout.
     Ask(cli::ask::Args),
+    /// Talk to the model in the terminal.
+    Chat(cli::chat::Args),
     /// Check a model file against the checksum it records, and time it.
     Verify(cli::verify::Args),
 }
@@ -42,6 +44,7 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Ask(a) => std::process::exit(cli::ask::run(a)),
+        Command::Chat(a) => std::process::exit(cli::chat::run(a)),
         Command::Verify(a) => cli::verify::run(a).map(|code| {
             if code != 0 {
                 std::process::exit(code)
