@@ -1,7 +1,8 @@
 //! Soak: the real daemon on a converted fixture under a mixed load from
-//! several clients at once, over the Unix socket and over Mosquitto, with
-//! streaming, cancellations, disconnects, malformed lines, bursts beyond
-//! the queue, deadlines, and a broker restart every few seconds.
+//! several clients at once, over the Unix socket, over Mosquitto and over
+//! HTTP, with streaming, cancellations, disconnects, malformed lines and
+//! bodies, bursts beyond the queue, deadlines, and a broker restart every
+//! few seconds.
 //!
 //! Every request that is not abandoned by its client must get exactly one
 //! final event: the test fails if one is lost or duplicated, or if the
@@ -16,10 +17,12 @@
 
 mod common;
 
+use common::http_client::{read_response, request};
 use common::services::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -275,6 +278,122 @@ fn mqtt_client(
     }
 }
 
+/// One HTTP request on a new connection; records its outcome the way the
+/// socket records final events (`done:<finish_reason>`, `error:<code>`).
+fn http_call(addr: &str, path: &str, body: &[u8], started: Instant, t: &Mutex<Tally>) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        t.lock().unwrap().lost += 1;
+        return;
+    };
+    s.write_all(&request("POST", path, None, Some(body)))
+        .unwrap();
+    let r = read_response(&mut s);
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    if r.status != 200 {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let e = json!({"event": "error", "code": v["error"]["code"]});
+        return t.lock().unwrap().record(&e, started);
+    }
+    if !r.head.contains("text/event-stream") {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let d = json!({"event": "done", "finish_reason": v["choices"][0]["finish_reason"]});
+        return t.lock().unwrap().record(&d, started);
+    }
+    // A stream: exactly one chunk with a finish reason, then [DONE].
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let finals: Vec<Value> = events
+        .iter()
+        .filter(|e| **e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|v| !v["choices"][0]["finish_reason"].is_null() || v["error"].is_object())
+        .collect();
+    let mut t = t.lock().unwrap();
+    match finals.as_slice() {
+        [] => t.lost += 1,
+        [v, rest @ ..] => {
+            t.duplicated += rest.len();
+            let e = if v["error"].is_object() {
+                json!({"event": "error", "code": v["error"]["code"]})
+            } else {
+                json!({"event": "done", "finish_reason": v["choices"][0]["finish_reason"]})
+            };
+            t.record(&e, started);
+        }
+    }
+}
+
+/// One HTTP client: chat and completions, whole and streamed, hang-ups,
+/// bad and oversized bodies, bursts beyond the queue.
+fn http_client(
+    k: usize,
+    addr: String,
+    budget: Arc<AtomicUsize>,
+    deadline: Instant,
+    t: Arc<Mutex<Tally>>,
+) {
+    let chat = "/v1/chat/completions";
+    let mut n = 0usize;
+    while Instant::now() < deadline && take(&budget, 1) {
+        n += 1;
+        let started = Instant::now();
+        t.lock().unwrap().sent += 1;
+        let msg = |max: u64, stream: bool| {
+            json!({"messages": [{"role": "user", "content": format!("Client {k}, question {n}?")}],
+                   "max_tokens": max, "temperature": 0.7, "stream": stream})
+            .to_string()
+        };
+        match n % 6 {
+            0 => http_call(&addr, chat, msg(8, false).as_bytes(), started, &t),
+            1 => {
+                let body = json!({"prompt": "Once upon a time", "max_tokens": 16, "stream": true});
+                http_call(
+                    &addr,
+                    "/v1/completions",
+                    body.to_string().as_bytes(),
+                    started,
+                    &t,
+                );
+            }
+            2 => {
+                // Hang up after the first bytes of a long stream.
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.write_all(&request(
+                    "POST",
+                    chat,
+                    None,
+                    Some(msg(200, true).as_bytes()),
+                ))
+                .unwrap();
+                s.set_read_timeout(Some(FINAL_WAIT)).unwrap();
+                let mut first = [0u8; 64];
+                let _ = s.read(&mut first);
+                drop(s);
+                t.lock().unwrap().abandoned += 1;
+            }
+            3 => http_call(&addr, chat, b"{\"messages\": oops", started, &t),
+            4 => http_call(&addr, chat, &vec![b' '; 5000], started, &t),
+            _ => {
+                // A burst beyond the queue: some get 429.
+                t.lock().unwrap().sent += 3;
+                take(&budget, 3);
+                let burst: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (a, b, t) = (addr.clone(), msg(24, false), t.clone());
+                        std::thread::spawn(move || http_call(&a, chat, b.as_bytes(), started, &t))
+                    })
+                    .collect();
+                for b in burst {
+                    b.join().unwrap();
+                }
+            }
+        }
+    }
+}
+
 /// Takes `n` from the shared request budget; false when it is spent.
 fn take(budget: &AtomicUsize, n: usize) -> bool {
     budget
@@ -295,7 +414,18 @@ fn soak() {
     let seconds = env_or("SOAK_SECONDS", 240);
     let restart_every = Duration::from_secs(env_or("SOAK_RESTART_S", 4));
     let mut broker = Broker::start();
-    let d = Daemon::start(&broker.url(), "", "queue_size = 4\nmax_line_bytes = 4096");
+    let d = Daemon::start(
+        &broker.url(),
+        "",
+        "queue_size = 4\nmax_line_bytes = 4096\n[http]\nlisten = [\"127.0.0.1:0\"]\nmax_body_bytes = 4096",
+    );
+    let http_addr = d
+        .log()
+        .lines()
+        .find_map(|l| l.split("http: listening on http://").nth(1))
+        .expect("the HTTP address in the log")
+        .trim()
+        .to_string();
     let pid = d.child.id();
     let sock = d.dir.path().join("sock");
     // Warm up, so the first figure includes the KV cache and thread stacks.
@@ -319,8 +449,15 @@ fn soak() {
             mqtt_client(k, p, b, deadline, t)
         }));
     }
+    for k in 0..2 {
+        let (a, b, t) = (http_addr.clone(), budget.clone(), tally.clone());
+        clients.push(std::thread::spawn(move || {
+            http_client(k, a, b, deadline, t)
+        }));
+    }
     let mut restarts = 0;
-    let mut next_restart = Instant::now() + restart_every;
+    // The first restart comes early, so even a short run has one.
+    let mut next_restart = Instant::now() + restart_every.min(Duration::from_millis(500));
     while !clients.iter().all(|c| c.is_finished()) {
         std::thread::sleep(Duration::from_millis(50));
         if Instant::now() >= next_restart {
@@ -381,6 +518,7 @@ fn soak() {
         "done:cancelled",
         "error:invalid_json",
         "error:busy",
+        "error:payload_too_large",
     ] {
         assert!(t.finals.contains_key(kind), "no {kind} in {:?}", t.finals);
     }

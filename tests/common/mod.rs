@@ -2,6 +2,7 @@
 //! and fixture checkpoints converted once per test process.
 #![allow(dead_code)]
 
+pub mod http_client;
 pub mod services;
 pub mod startup;
 

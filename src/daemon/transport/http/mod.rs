@@ -379,15 +379,12 @@ fn serve(ctx: &Ctx, conn: &Conn, stream: Stream) {
                     if status == 413 {
                         ctx.scheduler.count_refused(ErrorCode::PayloadTooLarge);
                     }
-                    let code = if status == 408 {
-                        "timeout"
-                    } else {
-                        "invalid_request"
-                    };
-                    let kind = if status == 408 {
-                        "timeout_error"
-                    } else {
-                        "invalid_request_error"
+                    let (kind, code) = match status {
+                        408 => ("timeout_error", "timeout"),
+                        411 => ("invalid_request_error", "length_required"),
+                        413 => ("invalid_request_error", ErrorCode::PayloadTooLarge.as_str()),
+                        431 => ("invalid_request_error", "headers_too_large"),
+                        _ => ("invalid_request_error", "invalid_request"),
                     };
                     let _ = error_response(&HttpError::new(status, kind, code, message))
                         .write(out, false);
