@@ -3,5 +3,6 @@
 //! scheduler's, shared by every transport.
 
 pub mod http;
+pub mod inflight;
 pub mod mqtt;
 pub mod unix;

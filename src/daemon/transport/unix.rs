@@ -9,10 +9,10 @@
 
 use crate::daemon::access::{peer_of, Access, Peer};
 use crate::daemon::logging::{log_debug, log_info, log_warn};
-use crate::daemon::protocol::{self, Control, ErrorCode, Event, Id, Incoming};
-use crate::daemon::scheduler::{EventSink, JobHandle, Scheduler};
+use crate::daemon::protocol::{self, ErrorCode, Event, Id, Incoming};
+use crate::daemon::scheduler::{EventSink, Scheduler};
+use crate::daemon::transport::inflight::{InFlight, Refused};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -224,7 +224,7 @@ fn admit(
     let conn = Arc::new(Conn {
         stream,
         peer,
-        inflight: Mutex::new(HashMap::new()),
+        inflight: InFlight::default(),
         out: tx,
         dropped: AtomicBool::new(false),
         scheduler: scheduler.clone(),
@@ -269,8 +269,7 @@ struct Conn {
     stream: UnixStream,
     peer: Peer,
     /// Requests of this connection that have not had their final event.
-    /// `None` while the submission is in progress.
-    inflight: Mutex<HashMap<Id, Option<JobHandle>>>,
+    inflight: InFlight<Id>,
     out: SyncSender<Vec<u8>>,
     /// Set when the connection was cut for not reading its replies.
     dropped: AtomicBool,
@@ -365,7 +364,7 @@ impl Conn {
     /// gets its replies, a closed one gets its jobs cancelled.
     fn linger(&self) {
         loop {
-            if self.lock().is_empty() {
+            if self.inflight.is_empty() {
                 return;
             }
             // POLLHUP is only reported once both directions are shut: the
@@ -392,15 +391,8 @@ impl Conn {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Option<JobHandle>>> {
-        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn cancel_all(&self) {
-        let jobs: Vec<JobHandle> = self.lock().values().flatten().cloned().collect();
-        for job in &jobs {
-            self.scheduler.cancel(job);
-        }
+        self.inflight.cancel_all(&self.scheduler);
     }
 
     /// Queues a reply line; never blocks. A full queue means the client is
@@ -437,52 +429,33 @@ impl Conn {
                 self.reply(rej.id.as_ref(), Event::Error(rej.error));
             }
             Ok(Incoming::Request(req)) => self.submit(&req),
-            Ok(Incoming::Control(Control::Cancel { id })) => {
-                let job = self.lock().get(&id).cloned().flatten();
-                match job {
-                    Some(job) => self.scheduler.cancel(&job),
-                    // Already finished: its final event is on the way.
-                    None => log_debug!("pid {}: cancel of {id}, not in flight", self.peer.pid),
+            Ok(Incoming::Control(c)) => {
+                if let Some((id, reply)) = self.inflight.control(&self.scheduler, c, |id| id) {
+                    self.reply(id.as_ref(), reply);
                 }
-            }
-            Ok(Incoming::Control(Control::Health { id })) => {
-                let health = self.scheduler.health();
-                self.reply(id.as_ref(), Event::Health(Box::new(health)));
             }
         }
     }
 
     fn submit(self: &Arc<Self>, req: &protocol::Request) {
         let id = req.id.clone();
-        {
-            let mut inflight = self.lock();
-            if inflight.contains_key(&id) {
-                drop(inflight);
-                return self.reply(
-                    Some(&id),
-                    Event::error(
-                        ErrorCode::DuplicateId,
-                        format!("request {id} is still in flight on this connection"),
-                    ),
-                );
-            }
-            // Claimed before submitting: the job may finish (and release
-            // the id) before `submit` returns.
-            inflight.insert(id.clone(), None);
-        }
         let sink = ConnSink {
             conn: self.clone(),
             id: id.clone(),
         };
-        match self.scheduler.submit(req, Box::new(sink)) {
-            Ok(job) => {
-                log_debug!("pid {}: request {id} queued", self.peer.pid);
-                if let Some(slot) = self.lock().get_mut(&id) {
-                    *slot = Some(job);
-                }
-            }
-            Err(e) => {
-                self.lock().remove(&id);
+        match self
+            .inflight
+            .submit(&self.scheduler, id.clone(), req, Box::new(sink))
+        {
+            Ok(()) => log_debug!("pid {}: request {id} queued", self.peer.pid),
+            Err(Refused::Duplicate) => self.reply(
+                Some(&id),
+                Event::error(
+                    ErrorCode::DuplicateId,
+                    format!("request {id} is still in flight on this connection"),
+                ),
+            ),
+            Err(Refused::Scheduler(e)) => {
                 log_info!("pid {}: request {id} refused: {e}", self.peer.pid);
                 self.reply(Some(&id), Event::Error(e));
             }
@@ -501,7 +474,7 @@ impl EventSink for ConnSink {
         if event.is_final() {
             // Released before the reply is queued, so a client reusing the id
             // right after reading the reply is never told it is a duplicate.
-            self.conn.lock().remove(&self.id);
+            self.conn.inflight.release(&self.id);
         }
         self.conn
             .send_line(protocol::reply_line(Some(&self.id), &event))

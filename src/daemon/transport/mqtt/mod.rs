@@ -19,16 +19,21 @@
 //! the outbox and are published again after reconnection: at least once,
 //! in order, possibly a duplicate around the break.
 
+mod dedup;
 mod link;
+mod outbox;
+mod routing;
 pub mod settings;
 
 pub use settings::Settings;
 
-use crate::daemon::logging::{log_debug, log_info, log_warn};
-use crate::daemon::protocol::{self, ApiError, Control, ErrorCode, Event, Health, Id, Incoming};
-use crate::daemon::scheduler::{EventSink, JobHandle, Scheduler};
-use link::{LinkEvent, Message, Received};
-use std::collections::{HashMap, VecDeque};
+use crate::daemon::logging::{log_info, log_warn};
+use crate::daemon::protocol::{ApiError, ErrorCode, Health, Id};
+use crate::daemon::scheduler::Scheduler;
+use crate::daemon::transport::inflight::InFlight;
+use dedup::Answered;
+use link::{LinkEvent, Message};
+use outbox::Outbox;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -53,40 +58,6 @@ struct Topics {
     response: String,
 }
 
-struct Entry {
-    msg: Message,
-    status: bool,
-}
-
-#[derive(Default)]
-struct Outbox {
-    /// Not yet handed to the connection.
-    queue: VecDeque<Entry>,
-    /// Handed over, waiting for the broker's confirmation (QoS 1 and 2),
-    /// with the packet id once it went out.
-    unconfirmed: VecDeque<(Option<u16>, Message)>,
-    connected: bool,
-    /// Token events dropped because the outbox was full.
-    dropped: u64,
-    /// Messages put back for resending since the last connection.
-    resend: usize,
-    /// Set at the very end of shutdown: the publisher stops.
-    finished: bool,
-}
-
-enum Seen {
-    Running(Option<JobHandle>),
-    Finished(Instant),
-}
-
-/// Requests seen recently, by destination and id: QoS 1 may deliver a
-/// message twice, and the second copy must not be answered again.
-#[derive(Default)]
-struct Recent {
-    by_key: HashMap<(Route, Id), Seen>,
-    finished: VecDeque<(Instant, (Route, Id))>,
-}
-
 struct Shared {
     s: Settings,
     topics: Topics,
@@ -96,7 +67,9 @@ struct Shared {
     outbox: Mutex<Outbox>,
     /// Signalled when the outbox or the connection state changes.
     wake: Condvar,
-    recent: Mutex<Recent>,
+    /// Requests queued or running, by destination and id.
+    inflight: InFlight<(Route, Id)>,
+    answered: Mutex<Answered<(Route, Id)>>,
     stop: AtomicBool,
     fatal: Mutex<Option<String>>,
 }
@@ -145,6 +118,7 @@ impl MqttServer {
             s.client_id,
             topics.request
         );
+        let s_dedup_window = s.dedup_window_s;
         let shared = Arc::new(Shared {
             s,
             topics,
@@ -153,7 +127,11 @@ impl MqttServer {
             model,
             outbox: Mutex::new(Outbox::default()),
             wake: Condvar::new(),
-            recent: Mutex::new(Recent::default()),
+            inflight: InFlight::default(),
+            answered: Mutex::new(Answered::new(
+                Duration::from_secs(s_dedup_window),
+                MAX_REMEMBERED,
+            )),
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
         });
@@ -182,17 +160,14 @@ impl MqttServer {
         let until = Instant::now() + timeout;
         {
             let mut ob = lock(&sh.outbox);
-            while ob.connected
-                && !(ob.queue.is_empty() && ob.unconfirmed.is_empty())
-                && Instant::now() < until
-            {
+            while ob.connected && ob.pending() > 0 && Instant::now() < until {
                 ob = sh
                     .wake
                     .wait_timeout(ob, TICK)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
-            let left = ob.queue.len() + ob.unconfirmed.len();
+            let left = ob.pending();
             if left > 0 {
                 log_warn!("mqtt: {left} messages not delivered at shutdown");
             }
@@ -317,25 +292,15 @@ impl Shared {
     /// whether the connection had been up.
     fn on_connection_lost(&self, conn: &mut link::Connection) -> bool {
         let mut ob = lock(&self.outbox);
-        let was_up = std::mem::replace(&mut ob.connected, false);
         conn.forget_pending();
-        let back: Vec<_> = ob.unconfirmed.drain(..).collect();
-        ob.resend += back.len();
-        for (_, msg) in back.into_iter().rev() {
-            ob.queue.push_front(Entry { msg, status: false });
-        }
-        was_up
+        ob.connection_lost()
     }
 
     fn on_connected(&self, session_present: bool, down_since: Option<Instant>) {
         if let Err(e) = self.client.subscribe(&self.topics.request, self.qos()) {
             log_warn!("mqtt: cannot subscribe to {}: {e}", self.topics.request);
         }
-        let resent = {
-            let mut ob = lock(&self.outbox);
-            ob.connected = true;
-            std::mem::take(&mut ob.resend)
-        };
+        let resent = { lock(&self.outbox).reconnected() };
         self.wake.notify_all();
         match down_since {
             None => log_info!("mqtt: connected to {}", self.s.url),
@@ -388,283 +353,40 @@ impl Shared {
     }
 
     fn on_published(&self, pkid: u16) {
-        // Packet id 0: a QoS 0 publish, which no confirmation follows.
-        if self.qos() == 0 || pkid == 0 {
-            return;
-        }
-        let mut ob = lock(&self.outbox);
-        if ob.unconfirmed.iter().any(|(p, _)| *p == Some(pkid)) {
-            return; // a resend of a known packet
-        }
-        if let Some(slot) = ob.unconfirmed.iter_mut().find(|(p, _)| p.is_none()) {
-            slot.0 = Some(pkid);
+        if self.qos() > 0 {
+            lock(&self.outbox).published(pkid);
         }
     }
 
     fn on_confirmed(&self, pkid: u16) {
-        let mut ob = lock(&self.outbox);
-        if let Some(i) = ob.unconfirmed.iter().position(|(p, _)| *p == Some(pkid)) {
-            ob.unconfirmed.remove(i);
-            drop(ob);
+        if lock(&self.outbox).confirmed(pkid) {
             self.wake.notify_all();
         }
     }
 
-    // ----- requests --------------------------------------------------------
-
-    fn on_message(self: &Arc<Self>, r: Received) {
-        if r.topic != self.topics.request {
-            log_debug!("mqtt: ignoring a message on {}", r.topic);
-            return;
-        }
-        if r.payload.is_empty() {
-            // What clearing a retained message looks like to subscribers.
-            return;
-        }
-        // The MQTT 5 response topic, when usable, also carries errors.
-        let v5_route = match r.response_topic {
-            Some(t) => match settings::check_topic_name(&t) {
-                Ok(()) => Some(Route {
-                    topic: t,
-                    correlation: r.correlation.clone(),
-                }),
-                Err(e) => {
-                    // Brokers check this, so it is rare; nowhere to answer.
-                    log_warn!("mqtt: request with an invalid response topic: {e}");
-                    self.error_to(
-                        None,
-                        None,
-                        ApiError::new(
-                            ErrorCode::InvalidRequest,
-                            format!("the response topic is not valid: {e}"),
-                        ),
-                    );
-                    return;
-                }
-            },
-            None => None,
-        };
-        if r.retain {
-            self.on_stale(&r.payload);
-            return;
-        }
-        if r.payload.len() > self.s.max_payload {
-            let e = ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the message is {} bytes; the limit is {}",
-                    r.payload.len(),
-                    self.s.max_payload
-                ),
-            );
-            return self.error_to(v5_route.as_ref(), None, e);
-        }
-        let mut obj = match protocol::parse_json_object(&r.payload) {
-            Ok(o) => o,
-            Err(rej) => return self.error_to(v5_route.as_ref(), None, rej.error),
-        };
-        let id = protocol::id_of(&obj);
-        let reply_to = match obj.remove("reply_to") {
-            None => None,
-            Some(serde_json::Value::String(t)) => match settings::check_topic_name(&t) {
-                Ok(()) => Some(t),
-                Err(e) => {
-                    let e = ApiError::new(ErrorCode::InvalidRequest, format!("reply_to: {e}"));
-                    return self.error_to(v5_route.as_ref(), id.as_ref(), e);
-                }
-            },
-            Some(_) => {
-                let e = ApiError::new(ErrorCode::InvalidRequest, "reply_to must be a topic string");
-                return self.error_to(v5_route.as_ref(), id.as_ref(), e);
-            }
-        };
-        let route = v5_route
-            .or_else(|| {
-                reply_to.map(|topic| Route {
-                    topic,
-                    correlation: None,
-                })
-            })
-            .or_else(|| id.as_ref().and_then(|id| self.default_route(id)));
-        match protocol::parse_object(obj) {
-            Err(rej) => self.error_to(route.as_ref(), rej.id.as_ref(), rej.error),
-            Ok(incoming) => match route {
-                None => self.error_to(
-                    None,
-                    id.as_ref(),
-                    ApiError::new(
-                        ErrorCode::InvalidRequest,
-                        "no reply destination: give an 'id' (replies go to <prefix>/response/<id>), a 'reply_to' topic, or an MQTT 5 response topic",
-                    ),
-                ),
-                Some(route) => self.on_incoming(incoming, route),
-            },
-        }
-    }
-
-    /// `<prefix>/response/<id>`, when the id makes a valid topic level.
-    fn default_route(&self, id: &Id) -> Option<Route> {
-        let level = match id {
-            Id::Text(t) => t.clone(),
-            Id::Number(n) => n.to_string(),
-        };
-        let ok = settings::check_topic_level("id", &level).is_ok();
-        ok.then(|| Route {
-            topic: format!("{}/{level}", self.topics.response),
-            correlation: None,
-        })
-    }
-
-    /// A retained request was stored by the broker before we subscribed,
-    /// perhaps long ago: answering it at every reconnection would repeat
-    /// it. It is reported on the error topic and cleared from the broker.
-    fn on_stale(&self, payload: &[u8]) {
-        let id = protocol::parse_json_object(payload)
-            .ok()
-            .and_then(|o| protocol::id_of(&o));
-        log_warn!(
-            "mqtt: ignoring a retained request{} on {}; clearing it",
-            id.as_ref()
-                .map(|i| format!(" (id {i})"))
-                .unwrap_or_default(),
-            self.topics.request
-        );
-        self.error_to(
-            None,
-            id.as_ref(),
-            ApiError::new(
-                ErrorCode::StaleRequest,
-                "a retained request is not answered: publish requests without the retain flag",
-            ),
-        );
-        self.push(
-            Message {
-                topic: self.topics.request.clone(),
-                payload: Vec::new(),
-                retain: true,
-                correlation: None,
-            },
-            true,
-        );
-    }
-
-    fn on_incoming(self: &Arc<Self>, incoming: Incoming, route: Route) {
-        match incoming {
-            Incoming::Request(req) => self.submit(&req, route),
-            Incoming::Control(Control::Cancel { id }) => {
-                let key = (route, id);
-                let job = match lock(&self.recent).by_key.get(&key) {
-                    Some(Seen::Running(job)) => job.clone(),
-                    _ => None,
-                };
-                match job {
-                    Some(job) => self.scheduler.cancel(&job),
-                    None => log_debug!("mqtt: cancel of {}, not in flight", key.1),
-                }
-            }
-            Incoming::Control(Control::Health { id }) => {
-                let health = self.scheduler.health();
-                self.reply(&route, id.as_ref(), &Event::Health(Box::new(health)), true);
-            }
-        }
-    }
-
-    fn submit(self: &Arc<Self>, req: &protocol::Request, route: Route) {
-        let key = (route.clone(), req.id.clone());
-        {
-            let mut recent = lock(&self.recent);
-            recent.expire(Duration::from_secs(self.s.dedup_window_s));
-            if recent.by_key.contains_key(&key) {
-                log_info!(
-                    "mqtt: request {} delivered again; already answered or running, ignored",
-                    req.id
-                );
-                return;
-            }
-            recent.by_key.insert(key.clone(), Seen::Running(None));
-        }
-        let sink = MqttSink {
-            shared: self.clone(),
-            route: route.clone(),
-            id: req.id.clone(),
-        };
-        match self.scheduler.submit(req, Box::new(sink)) {
-            Ok(job) => {
-                log_debug!("mqtt: request {} queued", req.id);
-                if let Some(Seen::Running(slot)) = lock(&self.recent).by_key.get_mut(&key) {
-                    *slot = Some(job);
-                }
-            }
-            Err(e) => {
-                // Refused requests may be sent again with the same id.
-                lock(&self.recent).by_key.remove(&key);
-                log_info!("mqtt: request {} refused: {e}", req.id);
-                self.reply(&route, Some(&req.id), &Event::Error(e), true);
-            }
-        }
-    }
-
-    fn error_to(&self, route: Option<&Route>, id: Option<&Id>, e: ApiError) {
-        log_info!(
-            "mqtt: rejected a message{}: {e}",
-            id.map(|i| format!(" (id {i})")).unwrap_or_default()
-        );
-        let fallback = Route {
-            topic: self.topics.error.clone(),
-            correlation: None,
-        };
-        self.reply(route.unwrap_or(&fallback), id, &Event::Error(e), true);
-    }
-
-    fn reply(&self, route: &Route, id: Option<&Id>, event: &Event, keep: bool) {
-        self.push(
-            Message {
-                topic: route.topic.clone(),
-                payload: protocol::reply_json(id, event),
-                retain: false,
-                correlation: route.correlation.clone(),
-            },
-            keep,
-        );
-    }
-
     // ----- the outbox ------------------------------------------------------
 
-    /// Queues a message; `keep` messages are never dropped (final events:
-    /// at most one per request, and requests are bounded by the queue).
+    /// Queues a message; `keep` messages are never dropped (final events).
     fn push(&self, msg: Message, keep: bool) {
-        let mut ob = lock(&self.outbox);
-        if !keep && ob.queue.len() + ob.unconfirmed.len() >= self.s.max_pending_messages {
-            ob.dropped += 1;
-            let n = ob.dropped;
-            drop(ob);
-            if n.is_power_of_two() {
-                log_warn!(
-                    "mqtt: {n} token events dropped so far: {} messages wait for the broker",
-                    self.s.max_pending_messages
-                );
-            }
-            return;
+        let pushed = lock(&self.outbox).push(msg, keep, self.s.max_pending_messages);
+        match pushed {
+            Ok(()) => self.wake.notify_all(),
+            Err(n) if n.is_power_of_two() => log_warn!(
+                "mqtt: {n} token events dropped so far: {} messages wait for the broker",
+                self.s.max_pending_messages
+            ),
+            Err(_) => {}
         }
-        ob.queue.push_back(Entry { msg, status: false });
-        drop(ob);
-        self.wake.notify_all();
     }
 
     /// Queues a status message, replacing one that has not gone out yet.
     fn push_status(&self, payload: Vec<u8>) {
-        let msg = Message {
+        lock(&self.outbox).push_status(Message {
             topic: self.topics.status.clone(),
             payload,
             retain: true,
             correlation: None,
-        };
-        let mut ob = lock(&self.outbox);
-        match ob.queue.iter_mut().find(|e| e.status) {
-            Some(e) => e.msg = msg,
-            None => ob.queue.push_back(Entry { msg, status: true }),
-        }
-        drop(ob);
+        });
         self.wake.notify_all();
     }
 
@@ -675,29 +397,11 @@ impl Shared {
     fn publish_loop(&self) {
         let mut ob = lock(&self.outbox);
         loop {
-            if ob.finished && (ob.queue.is_empty() || !ob.connected) {
+            if ob.finished && (!ob.has_queued() || !ob.connected) {
                 return;
             }
-            let mut stalled = false;
-            while ob.connected && !stalled {
-                let Some(e) = ob.queue.pop_front() else { break };
-                let kept = e.msg.clone();
-                match self.client.try_publish(e.msg, self.qos()) {
-                    Ok(()) => {
-                        if self.qos() > 0 {
-                            ob.unconfirmed.push_back((None, kept));
-                        }
-                    }
-                    Err(msg) => {
-                        // The channel is full: wait for the connection to drain it.
-                        ob.queue.push_front(Entry {
-                            msg,
-                            status: e.status,
-                        });
-                        stalled = true;
-                    }
-                }
-            }
+            let stalled = ob.hand_over(self.qos(), |m| self.client.try_publish(m, self.qos()));
+            // A full channel: wait for the connection to drain it.
             let wait = if stalled {
                 Duration::from_millis(5)
             } else {
@@ -747,51 +451,5 @@ impl Shared {
             }
             last = Some(now);
         }
-    }
-}
-
-impl Recent {
-    fn expire(&mut self, window: Duration) {
-        let now = Instant::now();
-        while let Some((at, _)) = self.finished.front() {
-            if now.duration_since(*at) < window && self.finished.len() <= MAX_REMEMBERED {
-                break;
-            }
-            let (at, key) = self.finished.pop_front().expect("non-empty");
-            if matches!(self.by_key.get(&key), Some(Seen::Finished(t)) if *t == at) {
-                self.by_key.remove(&key);
-            }
-        }
-    }
-
-    fn finish(&mut self, key: (Route, Id), window: Duration) {
-        if window.is_zero() {
-            self.by_key.remove(&key);
-            return;
-        }
-        let now = Instant::now();
-        self.by_key.insert(key.clone(), Seen::Finished(now));
-        self.finished.push_back((now, key));
-    }
-}
-
-/// Delivers one job's events as messages.
-struct MqttSink {
-    shared: Arc<Shared>,
-    route: Route,
-    id: Id,
-}
-
-impl EventSink for MqttSink {
-    fn send(&mut self, event: Event) -> bool {
-        let last = event.is_final();
-        if last {
-            let window = Duration::from_secs(self.shared.s.dedup_window_s);
-            lock(&self.shared.recent).finish((self.route.clone(), self.id.clone()), window);
-        }
-        self.shared.reply(&self.route, Some(&self.id), &event, last);
-        // A full outbox drops tokens, not the job: the final event carries
-        // the whole text.
-        true
     }
 }
