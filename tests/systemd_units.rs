@@ -230,13 +230,19 @@ fn socket_activation_serves_on_the_passed_socket() {
             .spawn()
             .unwrap(),
     );
+    // The file appears at bind(), a moment before listen(): until then a
+    // connection is refused.
     let until = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        assert!(Instant::now() < until, "the activator never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut s = loop {
+        match UnixStream::connect(&socket) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < until, "the activator never listened: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
     // The first connection starts the daemon, which answers on it.
-    let mut s = UnixStream::connect(&socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(b"{\"id\": 1, \"prompt\": \"Hi\", \"max_tokens\": 3}\n")
         .unwrap();
