@@ -24,7 +24,7 @@ pub struct Args {
 }
 
 pub fn parse_kv(s: &str) -> Result<KvType, String> {
-    KvType::parse(s).ok_or_else(|| format!("unknown KV cache type '{s}' (f32, f16)"))
+    crystald::daemon::config::from_name("KV cache type", s)
 }
 
 fn parse_tokens(s: &str) -> Result<Vec<u32>> {

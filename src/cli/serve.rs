@@ -1,5 +1,5 @@
 use anyhow::Result;
-use crystald::daemon::{self, config::Config};
+use crystald::daemon::{self, config, config::Config};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -68,9 +68,18 @@ impl Args {
                 $(if let Some(v) = self.$flag { $field = v; })*
             };
         }
-        set!(socket => cfg.socket, queue_size => cfg.queue_size,
-             kv_type => cfg.kv_type, log_level => cfg.log_level,
-             memory_check => cfg.memory_check, prefetch => cfg.prefetch);
+        set!(socket => cfg.socket, queue_size => cfg.queue_size);
+        // Named settings read as the config file reads them.
+        macro_rules! named {
+            ($($flag:ident => $field:expr),*) => {
+                $(if let Some(v) = self.$flag {
+                    let flag = format!("--{}", stringify!($flag).replace('_', "-"));
+                    $field = config::from_name(&flag, &v)?;
+                })*
+            };
+        }
+        named!(kv_type => cfg.kv_type, log_level => cfg.log_level,
+               memory_check => cfg.memory_check, prefetch => cfg.prefetch);
         cfg.lock_weights |= self.lock_weights;
         cfg.verify_model |= self.verify_model;
         cfg.model = self.model.or(cfg.model);

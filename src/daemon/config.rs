@@ -2,7 +2,10 @@
 //! `systemd/crystald.toml`), then command-line flags on top.
 
 use super::logging::Level;
-use serde::{Deserialize, Serialize};
+use super::transport::mqtt::settings::Protocol;
+use crate::model::{KvType, Prefetch};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CONFIG: &str = "/etc/crystald/crystald.toml";
@@ -24,7 +27,7 @@ pub struct Config {
     pub model: Option<PathBuf>,
     pub socket: PathBuf,
     /// Permission bits of the socket file, as an octal string ("0660").
-    pub socket_mode: String,
+    pub socket_mode: SocketMode,
     /// Group owning the socket file (default: the daemon's own group).
     pub socket_group: Option<String>,
     /// When either list is non-empty, only peers whose uid is in
@@ -39,16 +42,16 @@ pub struct Config {
     /// Context window in tokens (default: the model's).
     pub ctx: Option<usize>,
     /// KV cache element type: f16 or f32.
-    pub kv_type: String,
+    pub kv_type: KvType,
     /// Cached tokens kept for prefix reuse when the worker goes idle; the
     /// memory of the rest of the KV cache is given back.
     pub kv_keep_tokens: usize,
     /// What a start-up memory budget that does not fit does: "error" or "warn".
-    pub memory_check: String,
+    pub memory_check: MemoryCheck,
     /// mlock the mapped weights.
     pub lock_weights: bool,
     /// Reading the weights in at start: "off", "background" or "wait".
-    pub prefetch: String,
+    pub prefetch: Prefetch,
     /// Check the model file's checksum before serving (reads the whole file).
     pub verify_model: bool,
     /// Requests that may wait while one runs; more get `busy`.
@@ -63,7 +66,7 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a running request may take to finish after SIGTERM.
     pub drain_timeout_s: f64,
-    pub log_level: String,
+    pub log_level: Level,
     /// The MQTT transport; absent: no MQTT.
     pub mqtt: Option<MqttConfig>,
     /// The OpenAI-compatible HTTP transport; absent: no HTTP.
@@ -118,7 +121,7 @@ pub struct MqttConfig {
     /// Default: `crystald-<device_id>`.
     pub client_id: Option<String>,
     /// "5" or "3.1.1".
-    pub protocol: String,
+    pub protocol: Protocol,
     pub keep_alive_s: u64,
     /// QoS of the subscription and of every message the daemon publishes.
     pub qos: u8,
@@ -160,7 +163,7 @@ impl Default for MqttConfig {
             device_id: None,
             prefix: None,
             client_id: None,
-            protocol: "5".into(),
+            protocol: Protocol::V5,
             keep_alive_s: 30,
             qos: 1,
             username: None,
@@ -184,18 +187,18 @@ impl Default for Config {
         Config {
             model: None,
             socket: PathBuf::from(DEFAULT_SOCKET),
-            socket_mode: "0660".into(),
+            socket_mode: SocketMode(0o660),
             socket_group: None,
             allowed_users: Vec::new(),
             allowed_groups: Vec::new(),
             threads: None,
             kernels: None,
             ctx: None,
-            kv_type: "f16".into(),
+            kv_type: KvType::F16,
             kv_keep_tokens: 256,
-            memory_check: "error".into(),
+            memory_check: MemoryCheck::Error,
             lock_weights: false,
-            prefetch: "off".into(),
+            prefetch: Prefetch::Off,
             verify_model: false,
             queue_size: 8,
             default_max_tokens: 512,
@@ -203,7 +206,7 @@ impl Default for Config {
             max_pending_replies: 4096,
             max_connections: 64,
             drain_timeout_s: 10.0,
-            log_level: "info".into(),
+            log_level: Level::Info,
             mqtt: None,
             http: None,
         }
@@ -232,21 +235,6 @@ impl Config {
         if self.model.is_none() {
             return Err("no model: pass --model or set 'model' in the config file".into());
         }
-        self.mode()?;
-        self.level()?;
-        if crate::model::KvType::parse(&self.kv_type).is_none() {
-            return Err(format!(
-                "kv_type must be f16 or f32, got '{}'",
-                self.kv_type
-            ));
-        }
-        if !["error", "warn"].contains(&self.memory_check.as_str()) {
-            return Err(format!(
-                "memory_check must be error or warn, got '{}'",
-                self.memory_check
-            ));
-        }
-        self.prefetch_mode()?;
         for (name, v) in [
             ("queue_size", self.queue_size),
             ("default_max_tokens", self.default_max_tokens),
@@ -287,36 +275,48 @@ impl Config {
         }
         Ok(())
     }
+}
 
-    pub fn mode(&self) -> Result<u32, String> {
-        u32::from_str_radix(&self.socket_mode, 8)
+/// What a start-up memory budget that does not fit does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryCheck {
+    /// Stop with an error naming the numbers.
+    Error,
+    /// Log them and start anyway.
+    Warn,
+}
+
+/// Permission bits of a socket file, written as an octal string ("0660").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketMode(pub u32);
+
+impl Serialize for SocketMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:04o}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        u32::from_str_radix(&text, 8)
             .ok()
             .filter(|m| *m <= 0o777)
+            .map(SocketMode)
             .ok_or_else(|| {
-                format!(
-                    "socket_mode must be octal permission bits like \"0660\", got '{}'",
-                    self.socket_mode
-                )
+                serde::de::Error::custom(format!(
+                    "octal permission bits like \"0660\" expected, got '{text}'"
+                ))
             })
     }
+}
 
-    pub fn prefetch_mode(&self) -> Result<crate::model::Prefetch, String> {
-        crate::model::Prefetch::parse(&self.prefetch).ok_or_else(|| {
-            format!(
-                "prefetch must be off, background or wait, got '{}'",
-                self.prefetch
-            )
-        })
-    }
-
-    pub fn level(&self) -> Result<Level, String> {
-        Level::parse(&self.log_level).ok_or_else(|| {
-            format!(
-                "log_level must be error, warn, info or debug, got '{}'",
-                self.log_level
-            )
-        })
-    }
+/// Reads a setting given by name on the command line (`--kv-type f16`) the
+/// way the config file reads it, with the same error.
+pub fn from_name<T: DeserializeOwned>(flag: &str, value: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(value))
+        .map_err(|e| format!("{flag}: {e}"))
 }
 
 #[cfg(test)]
@@ -339,14 +339,24 @@ mod tests {
         let e = Config::parse("queue_sise = 3").unwrap_err();
         assert!(e.contains("queue_sise"), "{e}");
         let cfg = Config::parse(
-            "model = \"m\"\nsocket_mode = \"0999\"\nallowed_users = [\"alice\", 1000]",
+            "model = \"m\"\nsocket_mode = \"0640\"\nallowed_users = [\"alice\", 1000]",
         )
         .unwrap();
         assert_eq!(
             cfg.allowed_users,
             [Principal::Name("alice".into()), Principal::Id(1000)]
         );
-        assert!(cfg.validate().unwrap_err().contains("socket_mode"));
+        assert!(cfg.validate().is_ok());
+        let e = Config::parse("socket_mode = \"0999\"").unwrap_err();
+        assert!(e.contains("socket_mode") && e.contains("0999"), "{e}");
+        let e = Config::parse("kv_type = \"f8\"").unwrap_err();
+        assert!(e.contains("kv_type") && e.contains("f8"), "{e}");
+        let e = Config::parse("[mqtt]\nprotocol = \"3\"").unwrap_err();
+        assert!(e.contains("protocol"), "{e}");
+        assert_eq!(from_name::<KvType>("--kv-type", "f32"), Ok(KvType::F32));
+        assert!(from_name::<MemoryCheck>("--memory-check", "maybe")
+            .unwrap_err()
+            .contains("--memory-check"));
     }
 
     #[test]

@@ -7,26 +7,20 @@ use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum Level {
     Error = 0,
+    #[serde(alias = "warning")]
     Warn = 1,
     Info = 2,
     Debug = 3,
 }
 
 impl Level {
-    pub fn parse(s: &str) -> Option<Level> {
-        match s.to_ascii_lowercase().as_str() {
-            "error" => Some(Level::Error),
-            "warn" | "warning" => Some(Level::Warn),
-            "info" => Some(Level::Info),
-            "debug" => Some(Level::Debug),
-            _ => None,
-        }
-    }
-
     fn syslog_priority(self) -> u8 {
         match self {
             Level::Error => 3,
@@ -147,7 +141,8 @@ mod tests {
 
     #[test]
     fn levels_parse() {
-        assert_eq!(Level::parse("WARNING"), Some(Level::Warn));
-        assert_eq!(Level::parse("loud"), None);
+        let level = |s| crate::daemon::config::from_name::<Level>("log_level", s);
+        assert_eq!(level("warning"), Ok(Level::Warn));
+        assert!(level("loud").unwrap_err().contains("loud"));
     }
 }

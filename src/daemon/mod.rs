@@ -26,7 +26,7 @@ pub mod transport;
 use crate::gguf::checksum::Verdict;
 use crate::model::{KvType, Model, Prefetch};
 use crate::tokenizer::Tokenizer;
-use config::Config;
+use config::{Config, MemoryCheck};
 use logging::{log_error, log_info, log_warn};
 use scheduler::{Scheduler, SchedulerConfig};
 use std::sync::atomic::Ordering;
@@ -47,7 +47,7 @@ pub fn serve(
     load: impl FnOnce(&Config) -> Result<(Model, Tokenizer), String>,
 ) -> Result<(), String> {
     cfg.validate()?;
-    logging::set_level(cfg.level()?);
+    logging::set_level(cfg.log_level);
     let mqtt_settings = match &cfg.mqtt {
         Some(m) => Some(
             transport::mqtt::Settings::resolve(m, cfg.max_line_bytes)
@@ -61,7 +61,7 @@ pub fn serve(
     let http_bound = match &cfg.http {
         Some(h) => Some(transport::http::bind(
             h,
-            cfg.mode()?,
+            cfg.socket_mode.0,
             cfg.socket_group.as_deref(),
         )?),
         None => None,
@@ -73,7 +73,7 @@ pub fn serve(
         }
         None => {
             let (l, guard) =
-                lifecycle::bind(&cfg.socket, cfg.mode()?, cfg.socket_group.as_deref())?;
+                lifecycle::bind(&cfg.socket, cfg.socket_mode.0, cfg.socket_group.as_deref())?;
             (l, Some(guard))
         }
     };
@@ -89,7 +89,7 @@ pub fn serve(
         .ctx
         .unwrap_or(model.hp.context_length)
         .min(model.hp.context_length);
-    let kv_type = KvType::parse(&cfg.kv_type).expect("validated");
+    let kv_type = cfg.kv_type;
     let name = model.name().to_string();
     log_info!(
         "model {name}: {} layers, context {} (serving {n_ctx}), kernels {}, {} threads",
@@ -193,7 +193,9 @@ fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result
     let budget = budget::Budget::new(model, n_ctx, kv_type);
     match budget.shortfall() {
         Ok(None) => log_info!("memory budget: {} fits", budget.summary()),
-        Ok(Some(why)) if cfg.memory_check == "warn" => log_warn!("{why} (memory_check = warn)"),
+        Ok(Some(why)) if cfg.memory_check == MemoryCheck::Warn => {
+            log_warn!("{why} (memory_check = warn)")
+        }
         Ok(Some(why)) => return Err(why),
         Err(e) => log_warn!("memory budget not checked: {e}"),
     }
@@ -223,16 +225,16 @@ fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result
             t.elapsed().as_secs_f64()
         );
     }
-    let how = cfg.prefetch_mode()?;
+    let how = cfg.prefetch;
     if how != Prefetch::Off {
         lifecycle::notify("STATUS=Reading the weights in");
         let t = Instant::now();
         model
             .prefetch(how)
-            .map_err(|e| format!("prefetch = {}: {e}", cfg.prefetch))?;
+            .map_err(|e| format!("prefetch = {}: {e}", format!("{how:?}").to_lowercase()))?;
         log_info!(
             "prefetch {}: {:.1}s",
-            cfg.prefetch,
+            format!("{how:?}").to_lowercase(),
             t.elapsed().as_secs_f64()
         );
     }

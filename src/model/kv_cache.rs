@@ -12,21 +12,15 @@
 use half::f16;
 use memmap2::{MmapMut, MmapOptions, UncheckedAdvice};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Named `f32`/`f16` in the config file and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KvType {
     F32,
     F16,
 }
 
 impl KvType {
-    pub fn parse(s: &str) -> Option<KvType> {
-        match s {
-            "f32" => Some(KvType::F32),
-            "f16" => Some(KvType::F16),
-            _ => None,
-        }
-    }
-
     pub fn bytes(self) -> usize {
         match self {
             KvType::F32 => 4,

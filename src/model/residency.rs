@@ -5,7 +5,8 @@
 use memmap2::{Advice, Mmap};
 
 /// How the weights get into memory at start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Prefetch {
     /// On first use: start-up is immediate, the first request reads the
     /// file as it goes.
@@ -16,17 +17,6 @@ pub enum Prefetch {
     /// Read every page before serving (`MADV_POPULATE_READ`): the first
     /// request runs at full speed, start-up takes as long as the read.
     Wait,
-}
-
-impl Prefetch {
-    pub fn parse(s: &str) -> Option<Prefetch> {
-        match s {
-            "off" => Some(Prefetch::Off),
-            "background" => Some(Prefetch::Background),
-            "wait" => Some(Prefetch::Wait),
-            _ => None,
-        }
-    }
 }
 
 pub fn prefetch(map: &Mmap, how: Prefetch) -> std::io::Result<()> {

@@ -6,9 +6,12 @@ use crate::daemon::config::MqttConfig;
 use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `protocol = "5"` or `"3.1.1"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub enum Protocol {
+    #[serde(rename = "5", alias = "5.0")]
     V5,
+    #[serde(rename = "3.1.1", alias = "4")]
     V311,
 }
 
@@ -48,15 +51,7 @@ const SESSION_EXPIRY_S: u32 = 300;
 impl Settings {
     pub fn resolve(c: &MqttConfig, max_payload: usize) -> Result<Settings, String> {
         let (tls, host, port) = parse_url(&c.url)?;
-        let protocol = match c.protocol.as_str() {
-            "5" | "5.0" => Protocol::V5,
-            "3.1.1" | "4" => Protocol::V311,
-            other => {
-                return Err(format!(
-                    "protocol must be \"5\" or \"3.1.1\", got '{other}'"
-                ))
-            }
-        };
+        let protocol = c.protocol;
         if c.qos > 2 {
             return Err(format!("qos must be 0, 1 or 2, got {}", c.qos));
         }
@@ -373,7 +368,7 @@ mod tests {
     fn packet_limit_for_3_1_1_and_the_stated_broker_limit() {
         let c = MqttConfig {
             device_id: Some("pi4".into()),
-            protocol: "3.1.1".into(),
+            protocol: Protocol::V311,
             ..MqttConfig::default()
         };
         let s = Settings::resolve(&c, 1000).unwrap();
@@ -392,7 +387,7 @@ mod tests {
         assert_eq!(s.max_incoming_packet(), 1 << 20);
         // MQTT 5 tells the broker itself.
         let v5 = MqttConfig {
-            protocol: "5".into(),
+            protocol: Protocol::V5,
             ..c.clone()
         };
         assert_eq!(
@@ -426,11 +421,6 @@ mod tests {
         );
         assert_eq!((s.protocol, s.qos, s.port), (Protocol::V5, 1, 1883));
         let err = |c: MqttConfig| Settings::resolve(&c, 1000).err().unwrap();
-        assert!(err(MqttConfig {
-            protocol: "3".into(),
-            ..c.clone()
-        })
-        .contains("protocol"));
         assert!(err(MqttConfig {
             qos: 3,
             ..c.clone()
