@@ -95,7 +95,7 @@ fn each_kernel_set(f: impl Fn(&'static dyn kernels::Kernels)) {
         }
     }
     for k in avail {
-        if only.as_ref().map_or(true, |o| o.contains(&k.name())) {
+        if only.as_ref().is_none_or(|o| o.contains(&k.name())) {
             f(k);
         }
     }

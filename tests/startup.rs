@@ -207,8 +207,7 @@ fn the_worker_gives_memory_back_when_idle() {
         let line = s
             .log()
             .lines()
-            .filter(|l| l.contains("idle: kept"))
-            .last()
+            .rfind(|l| l.contains("idle: kept"))
             .unwrap()
             .to_string();
         line.split_whitespace()

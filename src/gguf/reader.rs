@@ -267,7 +267,7 @@ impl Header {
                 name: name.clone(),
                 what,
             };
-            if dims.iter().any(|&d| d == 0) {
+            if dims.contains(&0) {
                 return Err(bad(format!("has an empty dimension {dims:?}")));
             }
             let n_elements = dims

@@ -413,7 +413,7 @@ impl Checkpoint {
             };
             for t in raw {
                 let end = t.start.checked_add(t.len);
-                if end.map_or(true, |e| e > map.len() as u64) {
+                if end.is_none_or(|e| e > map.len() as u64) {
                     // Parsers already check this; kept as the invariant `get` relies on.
                     return Err(CheckpointError::new(
                         ErrorKind::Truncated,

@@ -754,7 +754,7 @@ mod tests {
     #[test]
     fn depth_is_bounded() {
         let mut p = vec![b']'];
-        p.extend(std::iter::repeat(0x85).take(1000));
+        p.extend(std::iter::repeat_n(0x85, 1000));
         p.push(b'.');
         assert!(run(&p).unwrap_err().message.contains("nested"));
     }
@@ -764,7 +764,7 @@ mod tests {
         // A 1000-element list in the memo, then repeatedly fetched and appended to: each
         // APPEND must copy the shared list.
         let mut p = vec![b']', b'('];
-        p.extend(std::iter::repeat([b'K', 1]).take(1000).flatten());
+        p.extend(std::iter::repeat_n([b'K', 1], 1000).flatten());
         p.extend_from_slice(b"eq\x00");
         for _ in 0..200_000 {
             p.extend_from_slice(b"h\x00K\x01a0");

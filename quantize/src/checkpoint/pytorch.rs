@@ -87,7 +87,7 @@ fn locate(
         ));
     };
     let storage_bytes = st.numel.checked_mul(st.elem_size);
-    if storage_bytes.map_or(true, |b| b > entry.size) {
+    if storage_bytes.is_none_or(|b| b > entry.size) {
         return Err(err(
             ErrorKind::Truncated,
             format!(
@@ -140,7 +140,7 @@ fn locate(
             expect = expect.saturating_mul(d);
         }
     }
-    if offset.checked_add(numel).map_or(true, |end| end > st.numel) {
+    if offset.checked_add(numel).is_none_or(|end| end > st.numel) {
         return Err(err(
             ErrorKind::Truncated,
             format!(

@@ -111,7 +111,7 @@ fn parse_entry(
         )));
     }
     let abs_end = base.checked_add(end);
-    if abs_end.map_or(true, |e| e > file_len) {
+    if abs_end.is_none_or(|e| e > file_len) {
         return Err(CheckpointError::new(
             ErrorKind::Truncated,
             format!(

@@ -99,7 +99,7 @@ pub(crate) fn entries(d: &[u8]) -> Result<Vec<ZipEntry>> {
         cd_limit = z64;
     }
     let cd_end = cd_offset.checked_add(cd_size);
-    if cd_end.map_or(true, |e| e > cd_limit) {
+    if cd_end.is_none_or(|e| e > cd_limit) {
         return Err(malformed(format!(
             "central directory [{cd_offset}, {}) overlaps the end record at {cd_limit}",
             cd_offset as u128 + cd_size as u128
@@ -216,10 +216,7 @@ fn central_entry(
         ));
     }
     let data_start = local + 30 + l_name + l_extra;
-    if data_start
-        .checked_add(csize)
-        .map_or(true, |e| e > cd_offset)
-    {
+    if data_start.checked_add(csize).is_none_or(|e| e > cd_offset) {
         return Err(format!(
             "truncated: data of '{name}' needs bytes [{data_start}, {}) but entry data must end by the central directory at {cd_offset}",
             data_start as u128 + csize as u128

@@ -98,7 +98,7 @@ impl Settings {
             None
         };
         if let Some(n) = c.broker_max_packet_size {
-            if n < 20 || n > MQTT_MAX_PACKET {
+            if !(20..=MQTT_MAX_PACKET).contains(&n) {
                 return Err(format!(
                     "broker_max_packet_size must be 20 to {MQTT_MAX_PACKET} bytes (MQTT's largest packet), got {n}"
                 ));
