@@ -6,12 +6,12 @@
 
 mod common;
 
+use common::services::Daemon;
 use common::*;
 use rexpect::process::wait::WaitStatus;
 use rexpect::session::{spawn_with_options, Options, PtySession};
 use serde_json::Value;
 use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,87 +23,23 @@ fn model() -> PathBuf {
     converted("tiny-a", "q4_0")
 }
 
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
+/// A daemon on the fixture with room for long replies.
+fn start_daemon() -> Daemon {
+    Daemon::serving("", &["--ctx", "512"])
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = temp_dir();
-        let socket = dir.path().join("crystald.sock");
-        let cfg = dir.path().join("crystald.toml");
-        std::fs::write(&cfg, "").unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
-            .args([
-                "serve",
-                "--threads",
-                "1",
-                "--ctx",
-                "512",
-                "--log-level",
-                "debug",
-            ])
-            .arg("--model")
-            .arg(model())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let until = Instant::now() + WAIT;
-        while UnixStream::connect(&socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("daemon exited with {status}");
-            }
-            assert!(Instant::now() < until, "daemon did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Daemon { child, dir, socket }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn wait_log(&self, what: &str) {
-        let until = Instant::now() + WAIT;
-        while !self.log().contains(what) {
-            assert!(
-                Instant::now() < until,
-                "log never said {what:?}: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `(prompt tokens, cached tokens)` of every finished request, in order.
-    fn requests(&self) -> Vec<(u64, u64)> {
-        self.log()
-            .lines()
-            .filter_map(|l| {
-                let rest = &l[l.find("request done: ")? + "request done: ".len()..];
-                let mut words = rest
-                    .split(|c: char| !c.is_ascii_digit())
-                    .filter(|w| !w.is_empty());
-                Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-            })
-            .collect()
-    }
+/// `(prompt tokens, cached tokens)` of every finished request, in order.
+fn requests(d: &Daemon) -> Vec<(u64, u64)> {
+    d.log()
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("request done: ")? + "request done: ".len()..];
+            let mut words = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|w| !w.is_empty());
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// `crystald chat` in a pseudo-terminal, greedy.
@@ -173,10 +109,11 @@ fn exits_with(p: &mut PtySession, code: i32) {
 
 #[test]
 fn a_conversation_keeps_its_turns_until_reset() {
-    let d = Daemon::start();
+    let d = start_daemon();
     let dir = temp_dir();
     let history = dir.path().join("state/history");
-    let socket = d.socket.to_str().unwrap();
+    let socket = d.socket();
+    let socket = socket.to_str().unwrap();
     let mut p = chat_in_pty(&[
         "--socket",
         socket,
@@ -206,7 +143,7 @@ fn a_conversation_keeps_its_turns_until_reset() {
     d.wait_log("finish");
     let until = Instant::now() + WAIT;
     let reqs = loop {
-        let reqs = d.requests();
+        let reqs = requests(&d);
         if reqs.len() >= 2 {
             break reqs;
         }
@@ -247,10 +184,11 @@ fn a_conversation_keeps_its_turns_until_reset() {
 
 #[test]
 fn ctrl_c_stops_a_reply_and_the_chat_goes_on() {
-    let d = Daemon::start();
+    let d = start_daemon();
     let dir = temp_dir();
     // Long enough to still be streaming when Ctrl-C arrives.
-    let socket = d.socket.to_str().unwrap();
+    let socket = d.socket();
+    let socket = socket.to_str().unwrap();
     let mut p = chat_in_pty(&["--socket", socket, "--max-tokens", "480", "--no-history"]);
     interrupt_a_reply(&mut p);
     d.wait_log("finish cancelled");
@@ -364,14 +302,14 @@ fn scripted_direct_chat_answers_each_line() {
 
 #[test]
 fn daemon_errors_are_printed_and_the_chat_goes_on() {
-    let d = Daemon::start();
+    let d = start_daemon();
     let dir = temp_dir();
     let saved = dir.path().join("chat.json");
     // More than the daemon's context: every turn is refused.
     let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
         .arg("chat")
         .arg("--socket")
-        .arg(&d.socket)
+        .arg(d.socket())
         .args(["--max-tokens", "100000"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

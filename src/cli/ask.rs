@@ -30,16 +30,8 @@ pub struct Args {
     /// The daemon's socket.
     #[arg(long, env = "CRYSTALD_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// System prompt (default: the model card's).
-    #[arg(long)]
-    system: Option<String>,
-    #[arg(long)]
-    max_tokens: Option<u64>,
-    /// 0 = greedy.
-    #[arg(long)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    reply: super::ReplyArgs,
     /// Give up after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
@@ -77,7 +69,7 @@ pub fn run(a: Args) -> i32 {
         return fail(USAGE, "the question is empty");
     }
     let mut messages = Vec::new();
-    if let Some(system) = &a.system {
+    if let Some(system) = &a.reply.system {
         messages.push(json!({"role": "system", "content": system}));
     }
     messages.push(json!({"role": "user", "content": question}));
@@ -86,18 +78,9 @@ pub fn run(a: Args) -> i32 {
         "messages": messages,
         "stream": true,
     });
-    for (key, v) in [
-        ("max_tokens", a.max_tokens.map(Value::from)),
-        ("temperature", a.temperature.map(Value::from)),
-        ("seed", a.seed.map(Value::from)),
-        (
-            "timeout_ms",
-            a.timeout.map(|t| Value::from((t * 1e3).max(1.0) as u64)),
-        ),
-    ] {
-        if let Some(v) = v {
-            req[key] = v;
-        }
+    a.reply.fill(&mut req);
+    if let Some(t) = a.timeout {
+        req["timeout_ms"] = Value::from((t * 1e3).max(1.0) as u64);
     }
     let shown = a.socket.display();
     let mut stream = match UnixStream::connect(&a.socket) {

@@ -15,6 +15,37 @@ use crystald::model::Model;
 use crystald::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
+/// How a reply is asked of the daemon or the model, shared by `ask` and
+/// `chat`; `None` leaves the default.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ReplyArgs {
+    /// System prompt (default: the model card's).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// 0 = greedy.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl ReplyArgs {
+    /// Sets the sampling fields that were given on a socket request.
+    pub fn fill(&self, req: &mut serde_json::Value) {
+        for (key, v) in [
+            ("max_tokens", self.max_tokens.map(serde_json::Value::from)),
+            ("temperature", self.temperature.map(serde_json::Value::from)),
+            ("seed", self.seed.map(serde_json::Value::from)),
+        ] {
+            if let Some(v) = v {
+                req[key] = v;
+            }
+        }
+    }
+}
+
 /// Options every command that loads a model takes.
 #[derive(clap::Args, Debug)]
 pub struct ModelArgs {

@@ -236,23 +236,22 @@ impl Daemon {
     }
 
     /// Starts `crystald serve` on the tiny-a q4_0 fixture with the
-    /// configuration file `config` and extra flags; does not wait. The
-    /// socket is `sock` in the daemon's directory, the log `log`.
+    /// configuration file `config` and extra flags (`--ctx` defaults to
+    /// [`CTX`]); does not wait. The socket is [`Daemon::socket`], the log
+    /// `log` in the daemon's directory.
     pub fn spawn_config(config: &str, args: &[&str]) -> Daemon {
         let dir = temp_dir();
         let cfg = dir.path().join("crystald.toml");
         std::fs::write(&cfg, config).unwrap();
         let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let ctx: &[&str] = if args.contains(&"--ctx") {
+            &[]
+        } else {
+            &["--ctx", CTX]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_crystald"))
-            .args([
-                "serve",
-                "--threads",
-                "1",
-                "--ctx",
-                CTX,
-                "--log-level",
-                "debug",
-            ])
+            .args(["serve", "--threads", "1", "--log-level", "debug"])
+            .args(ctx)
             .arg("--model")
             .arg(converted("tiny-a", "q4_0"))
             .arg("--socket")
@@ -266,6 +265,24 @@ impl Daemon {
             .spawn()
             .unwrap();
         Daemon { child, dir }
+    }
+
+    /// [`Daemon::spawn_config`], then waits until the socket accepts.
+    pub fn serving(config: &str, args: &[&str]) -> Daemon {
+        let mut d = Self::spawn_config(config, args);
+        let until = Instant::now() + WAIT;
+        while UnixStream::connect(d.socket()).is_err() {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!("daemon exited with {status}: {}", d.log());
+            }
+            assert!(Instant::now() < until, "daemon did not start: {}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("sock")
     }
 
     /// Starts the daemon and waits until it is connected to the broker.
@@ -308,7 +325,7 @@ impl Daemon {
 
     /// One request over the Unix socket, for comparing transports.
     pub fn ask_socket(&self, req: &Value) -> Value {
-        let mut s = UnixStream::connect(self.dir.path().join("sock")).unwrap();
+        let mut s = UnixStream::connect(self.socket()).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.write_all(format!("{req}\n").as_bytes()).unwrap();
         let mut r = BufReader::new(s);

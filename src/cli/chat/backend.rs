@@ -21,13 +21,7 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// Sampling flags shared by both backends; `None` leaves the default.
-#[derive(Clone, Debug, Default)]
-pub struct Sampling {
-    pub max_tokens: Option<u64>,
-    pub temperature: Option<f32>,
-    pub seed: Option<u64>,
-}
+pub use crate::cli::ReplyArgs as Sampling;
 
 pub trait Backend {
     /// Generates the assistant's reply to `messages` (ending with the
@@ -100,16 +94,7 @@ impl Daemon {
         self.next_id += 1;
         let id = format!("chat-{}-{}", std::process::id(), self.next_id);
         let mut req = json!({"id": id, "messages": messages, "stream": true});
-        let s = &self.sampling;
-        for (key, v) in [
-            ("max_tokens", s.max_tokens.map(Value::from)),
-            ("temperature", s.temperature.map(Value::from)),
-            ("seed", s.seed.map(Value::from)),
-        ] {
-            if let Some(v) = v {
-                req[key] = v;
-            }
-        }
+        self.sampling.fill(&mut req);
         let mut line = req.to_string();
         line.push('\n');
         (id, line)

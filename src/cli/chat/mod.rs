@@ -9,7 +9,7 @@
 mod backend;
 mod interrupt;
 
-use backend::{Backend, Daemon, Direct, Outcome, Sampling};
+use backend::{Backend, Daemon, Direct, Outcome};
 use crystald::daemon::config::DEFAULT_SOCKET;
 use crystald::generate::Flow;
 use crystald::tokenizer::{Message, Role};
@@ -39,16 +39,8 @@ pub struct Args {
     /// With --model: context size in tokens (default: the model's).
     #[arg(long, requires = "model")]
     ctx: Option<usize>,
-    /// System prompt (default: the model card's).
-    #[arg(long)]
-    system: Option<String>,
-    #[arg(long)]
-    max_tokens: Option<u64>,
-    /// 0 = greedy.
-    #[arg(long)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    reply: super::ReplyArgs,
     /// Line history file (default: $XDG_STATE_HOME/crystald/chat_history).
     #[arg(long)]
     history: Option<PathBuf>,
@@ -77,11 +69,7 @@ pub fn run(a: Args) -> i32 {
         note(format!("cannot take over Ctrl-C: {e}"));
         return FAILED;
     }
-    let sampling = Sampling {
-        max_tokens: a.max_tokens,
-        temperature: a.temperature,
-        seed: a.seed,
-    };
+    let sampling = a.reply.clone();
     let mut backend: Box<dyn Backend> = match &a.model {
         Some(path) => match super::load(path, a.threads, a.kernels.as_deref()) {
             Ok((model, tok)) => match Direct::new(model, tok, a.ctx, sampling) {
@@ -120,7 +108,7 @@ pub fn run(a: Args) -> i32 {
         println!("crystald chat: /help for commands, Ctrl-D to leave.");
     }
     let mut chat = Chat {
-        system: a.system.clone(),
+        system: a.reply.system.clone(),
         turns: Vec::new(),
         tty,
     };
