@@ -254,25 +254,22 @@ fn interrupt_a_reply(p: &mut PtySession) {
 fn scripted_direct_chat_answers_each_line() {
     let dir = temp_dir();
     let saved = dir.path().join("chat.json");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
-        .arg("chat")
-        .arg("--model")
-        .arg(model())
-        .args(["--threads", "1", "--temperature", "0", "--max-tokens", "6"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Greedy, "Hello there" gets an empty reply: still one line of stdout.
     let script = format!("Hello there\nWhy?\n/save {}\n", saved.display());
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = wait_output(child);
+    let model = model();
+    let out = scripted(
+        &[
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--threads".as_ref(),
+            "1".as_ref(),
+            "--temperature".as_ref(),
+            "0".as_ref(),
+            "--max-tokens".as_ref(),
+            "6".as_ref(),
+        ],
+        &script,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -306,24 +303,17 @@ fn daemon_errors_are_printed_and_the_chat_goes_on() {
     let dir = temp_dir();
     let saved = dir.path().join("chat.json");
     // More than the daemon's context: every turn is refused.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
-        .arg("chat")
-        .arg("--socket")
-        .arg(d.socket())
-        .args(["--max-tokens", "100000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let script = format!("Hi\nAgain\n/bogus\n/save {}\n", saved.display());
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = wait_output(child);
+    let socket = d.socket();
+    let out = scripted(
+        &[
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--max-tokens".as_ref(),
+            "100000".as_ref(),
+        ],
+        &script,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(stderr.matches("invalid_request").count(), 2, "{stderr}");
@@ -366,6 +356,25 @@ fn no_daemon_is_exit_69() {
 }
 
 /// `wait_with_output` with a deadline: the child is killed if it hangs.
+/// `crystald chat ARGS` with `script` on a pipe as its standard input.
+fn scripted(args: &[&std::ffi::OsStr], script: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crystald"))
+        .arg("chat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    wait_output(child)
+}
+
 fn wait_output(child: Child) -> std::process::Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -12,15 +12,16 @@ use crate::daemon::logging::{log_debug, log_info, log_warn};
 use crate::daemon::protocol::{self, ErrorCode, Event, Id, Incoming};
 use crate::daemon::scheduler::{EventSink, Scheduler};
 use crate::daemon::transport::inflight::{InFlight, Refused};
+use crate::daemon::transport::Connections;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Clone, Debug)]
 pub struct UnixOptions {
@@ -32,33 +33,7 @@ pub struct UnixOptions {
 /// How often blocked loops look at their stop conditions.
 const TICK: Duration = Duration::from_millis(100);
 
-/// Open connections, for the connection limit and for closing them all at
-/// shutdown.
-#[derive(Default)]
-struct Registry {
-    conns: Mutex<Vec<std::sync::Weak<Conn>>>,
-    /// Connections whose writer has not finished yet.
-    live: Mutex<usize>,
-    all_closed: Condvar,
-}
-
-impl Registry {
-    fn live(&self) -> usize {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn add(&self, conn: &Arc<Conn>) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|c| c.strong_count() > 0);
-        conns.push(Arc::downgrade(conn));
-    }
-
-    fn closed(&self) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.all_closed.notify_all();
-    }
-}
+type Registry = Connections<Conn>;
 
 /// The running transport; see [`UnixServer::stop_accepting`] and [`UnixServer::close`].
 pub struct UnixServer {
@@ -108,27 +83,10 @@ impl UnixServer {
     /// `timeout` for the replies already produced to be written.
     pub fn close(mut self, timeout: Duration) {
         self.stop_accepting();
-        let conns = std::mem::take(
-            &mut *self
-                .registry
-                .conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        for conn in conns.iter().filter_map(|c| c.upgrade()) {
+        for conn in self.registry.take_all() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Read);
         }
-        drop(conns);
-        let until = Instant::now() + timeout;
-        let mut live = self.registry.live.lock().unwrap_or_else(|e| e.into_inner());
-        while *live > 0 && Instant::now() < until {
-            live = self
-                .registry
-                .all_closed
-                .wait_timeout(live, TICK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.registry.wait_closed(timeout);
     }
 }
 
@@ -202,7 +160,7 @@ fn admit(
             &format!("uid {} is not allowed to use this daemon", peer.uid),
         );
     }
-    if registry.live() >= opts.max_connections {
+    if !registry.admit(opts.max_connections) {
         log_warn!(
             "refused connection from pid {}: too many connections",
             peer.pid
@@ -217,6 +175,7 @@ fn admit(
         (Ok(w), Ok(r)) => (w, r),
         (Err(e), _) | (_, Err(e)) => {
             log_warn!("cannot set up a connection: {e}");
+            registry.closed();
             return;
         }
     };
@@ -235,7 +194,7 @@ fn admit(
         peer.uid,
         peer.gid
     );
-    registry.add(&conn);
+    registry.track(&conn);
     let reg = registry.clone();
     let writer = std::thread::Builder::new()
         .name("crystald-conn-w".into())

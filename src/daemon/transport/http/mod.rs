@@ -23,6 +23,7 @@ use crate::daemon::lifecycle::{self, BoundSocket};
 use crate::daemon::logging::{log_debug, log_info, log_warn};
 use crate::daemon::protocol::{ErrorCode, Event};
 use crate::daemon::scheduler::{EventSink, JobHandle, Scheduler};
+use crate::daemon::transport::Connections;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use openai::{HttpError, Kind, Reply};
 use serde_json::json;
@@ -32,9 +33,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wire::{EventStream, ReadError, Response, Stream};
 
 /// How often a thread waiting for a reply checks whether its client left.
@@ -141,9 +142,7 @@ struct Ctx {
     next_id: AtomicU64,
     /// Distinguishes ids across restarts.
     id_stamp: u64,
-    conns: Mutex<Vec<Weak<Conn>>>,
-    live: Mutex<usize>,
-    all_closed: Condvar,
+    conns: Connections<Conn>,
 }
 
 struct Conn {
@@ -182,9 +181,7 @@ impl HttpServer {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
-            conns: Mutex::new(Vec::new()),
-            live: Mutex::new(0),
-            all_closed: Condvar::new(),
+            conns: Connections::default(),
         });
         let (wake, woken) = UnixStream::pair().expect("cannot create a socket pair");
         let c = ctx.clone();
@@ -214,27 +211,13 @@ impl HttpServer {
     /// in progress to be written.
     pub fn close(mut self, timeout: Duration) {
         self.stop_accepting();
-        let conns = std::mem::take(&mut *lock(&self.ctx.conns));
-        for conn in conns.iter().filter_map(Weak::upgrade) {
+        for conn in self.ctx.conns.take_all() {
             if !conn.busy.load(Ordering::SeqCst) {
                 let _ = conn.stream.shutdown(Shutdown::Read);
             }
         }
-        let until = Instant::now() + timeout;
-        let mut live = lock(&self.ctx.live);
-        while *live > 0 && Instant::now() < until {
-            live = self
-                .ctx
-                .all_closed
-                .wait_timeout(live, TICK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.ctx.conns.wait_closed(timeout);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn accept_loop(listeners: &[Listener], woken: &UnixStream, ctx: &Arc<Ctx>) {
@@ -316,9 +299,7 @@ fn admit(stream: Stream, ctx: &Arc<Ctx>) {
         }
     }
     {
-        let mut live = lock(&ctx.live);
-        if *live >= ctx.max_connections {
-            drop(live);
+        if !ctx.conns.admit(ctx.max_connections) {
             log_warn!("http: refused a connection: too many connections");
             return refuse(
                 &stream,
@@ -330,13 +311,12 @@ fn admit(stream: Stream, ctx: &Arc<Ctx>) {
                 )),
             );
         }
-        *live += 1;
     }
     let reader_stream = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
             log_warn!("http: cannot set up a connection: {e}");
-            closed(ctx);
+            ctx.conns.closed();
             return;
         }
     };
@@ -344,27 +324,18 @@ fn admit(stream: Stream, ctx: &Arc<Ctx>) {
         stream,
         busy: AtomicBool::new(false),
     });
-    {
-        let mut conns = lock(&ctx.conns);
-        conns.retain(|c| c.strong_count() > 0);
-        conns.push(Arc::downgrade(&conn));
-    }
+    ctx.conns.track(&conn);
     let c = ctx.clone();
     let spawned = std::thread::Builder::new()
         .name("crystald-http-c".into())
         .spawn(move || {
             serve(&c, &conn, reader_stream);
-            closed(&c);
+            c.conns.closed();
         });
     if let Err(e) = spawned {
         log_warn!("http: cannot start a connection thread: {e}");
-        closed(ctx);
+        ctx.conns.closed();
     }
-}
-
-fn closed(ctx: &Ctx) {
-    *lock(&ctx.live) -= 1;
-    ctx.all_closed.notify_all();
 }
 
 fn serve(ctx: &Ctx, conn: &Conn, stream: Stream) {
