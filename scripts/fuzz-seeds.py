@@ -317,6 +317,31 @@ def request_seeds(out):
         put(out, "request", f"bad-{i}.json", line)
 
 
+def http_seeds(out):
+    # The HTTP transport: OpenAI bodies behind request heads, and broken heads.
+    bodies = [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "Hi"}],
+                                  "max_tokens": 8, "stream": True,
+                                  "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {"messages": [{"role": "developer", "content": "Be brief."},
+                                               {"role": "user", "content": [{"type": "text", "text": "a"}]}],
+                                  "logprobs": True, "top_logprobs": 2, "seed": -5, "stop": ["x"]}),
+        ("/v1/completions", {"prompt": ["def f():"], "logprobs": 1, "temperature": 0}),
+        ("/v1/chat/completions", {"messages": [], "n": 2}),
+    ]
+    for i, (path, body) in enumerate(bodies):
+        b = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: {len(b)}\r\n\r\n"
+        put(out, "http", f"ok-{i}.http", head.encode() + b)
+    for i, raw in enumerate([
+        b"GET /health HTTP/1.0\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    ]):
+        put(out, "http", f"bad-{i}.http", raw)
+
+
 # ---------------------------------------------------------------- chat and ids
 
 def load_vocab(shared):
@@ -408,6 +433,7 @@ def main():
     safetensors_seeds(out, shared)
     pytorch_seeds(out, shared)
     request_seeds(out)
+    http_seeds(out)
     chat_seeds(out, shared)
     id_seeds(out, shared)
 

@@ -421,7 +421,8 @@ fn more_requests_than_the_queue_holds_get_429_and_shutdown_503() {
         ))
         .unwrap();
     let mut first = [0u8; 256];
-    assert!(running.read(&mut first).unwrap() > 0);
+    let n = running.read(&mut first).unwrap();
+    assert!(n > 0);
     signal(&api.d.child, nix::sys::signal::Signal::SIGTERM);
     api.d.wait_log("stopping");
     let body = chat("hi", 4).to_string();
@@ -431,14 +432,21 @@ fn more_requests_than_the_queue_holds_get_429_and_shutdown_503() {
     )
     .into_bytes();
     req.extend_from_slice(body.as_bytes());
-    if kept.write_all(&req).is_ok() {
-        let resp = read_response(&mut kept);
-        assert_eq!(
-            (resp.status, resp.error()["code"].clone()),
-            (503, json!("shutting_down"))
-        );
-        assert!(resp.head.contains("Retry-After"), "{}", resp.head);
-    }
+    kept.write_all(&req).unwrap();
+    let resp = read_response(&mut kept);
+    assert_eq!(
+        (resp.status, resp.error()["code"].clone()),
+        (503, json!("shutting_down"))
+    );
+    assert!(resp.head.contains("Retry-After"), "{}", resp.head);
+    // The running request was let finish.
+    let mut all = first[..n].to_vec();
+    let _ = running.read_to_end(&mut all);
+    let all = String::from_utf8_lossy(&all);
+    assert!(
+        all.contains("\"finish_reason\":\"length\"") && all.contains("[DONE]"),
+        "{all}"
+    );
     assert_eq!(api.d.wait_exit(), 0, "{}", api.d.log());
     assert!(
         !api.unix.exists(),

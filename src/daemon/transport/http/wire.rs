@@ -264,6 +264,32 @@ impl Stream {
     }
 }
 
+/// One whole request (head and body) from the start of `buf`, under the
+/// size limits: what [`Reader::next`] returns once the bytes are in. `None`
+/// when `buf` holds less than a whole request. For the fuzz target and tests.
+pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<Request>, ReadError> {
+    let Some((head_len, mut req, length)) = parse_head(buf)? else {
+        return match buf.len() > limits.max_head {
+            true => Err(ReadError::HeadTooLarge),
+            false => Ok(None),
+        };
+    };
+    if head_len > limits.max_head {
+        return Err(ReadError::HeadTooLarge);
+    }
+    if length > limits.max_body as u64 {
+        return Err(ReadError::BodyTooLarge {
+            length,
+            limit: limits.max_body,
+        });
+    }
+    let Some(body) = buf[head_len..].get(..length as usize) else {
+        return Ok(None);
+    };
+    req.body = body.to_vec();
+    Ok(Some(req))
+}
+
 /// The head of a request when the buffer holds all of it: its length, the
 /// request (without body) and the body's length.
 fn parse_head(buf: &[u8]) -> Result<Option<(usize, Request, u64)>, ReadError> {
@@ -491,6 +517,24 @@ mod tests {
             ("/health", false)
         );
         assert!(matches!(got[2], Err(ReadError::Closed)));
+    }
+
+    #[test]
+    fn a_buffer_parses_once_it_holds_a_whole_request() {
+        let whole = b"POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc";
+        for cut in 0..whole.len() {
+            assert!(parse(&whole[..cut], &limits()).unwrap().is_none(), "{cut}");
+        }
+        assert_eq!(parse(whole, &limits()).unwrap().unwrap().body, b"abc");
+        let big = b"POST /x HTTP/1.1\r\nContent-Length: 17\r\n\r\n";
+        assert!(matches!(
+            parse(big, &limits()),
+            Err(ReadError::BodyTooLarge { .. })
+        ));
+        assert!(matches!(
+            parse(&[b'a'; 2000], &limits()),
+            Err(ReadError::HeadTooLarge)
+        ));
     }
 
     #[test]
