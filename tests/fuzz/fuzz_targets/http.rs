@@ -18,7 +18,13 @@ fuzz_target!(|data: &[u8]| {
         keep_alive: Duration::from_secs(1),
     };
     let parsed = wire::parse(data, &limits);
-    crystald_fuzz::report("wire", &parsed.as_ref().map(|r| r.is_some()).map_err(|e| e.status()));
+    crystald_fuzz::report(
+        "wire",
+        &parsed
+            .as_ref()
+            .map(|r| r.is_some())
+            .map_err(|e| format!("{e:?}")),
+    );
     let req = match parsed {
         Ok(Some(r)) => r,
         Ok(None) => return,
@@ -37,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
             openai::chat_request(&o, id)
         }
     });
-    crystald_fuzz::report("translate", &translated.as_ref().map(|_| ()).map_err(|e| e.status));
+    crystald_fuzz::report(
+        "translate",
+        &translated.as_ref().map(|_| ()).map_err(|e| e.status),
+    );
     match translated {
         Err(e) => {
             assert!((400..600).contains(&e.status));
