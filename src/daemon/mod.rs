@@ -227,16 +227,13 @@ fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result
     }
     let how = cfg.prefetch;
     if how != Prefetch::Off {
+        let name = format!("{how:?}").to_lowercase();
         lifecycle::notify("STATUS=Reading the weights in");
         let t = Instant::now();
         model
             .prefetch(how)
-            .map_err(|e| format!("prefetch = {}: {e}", format!("{how:?}").to_lowercase()))?;
-        log_info!(
-            "prefetch {}: {:.1}s",
-            format!("{how:?}").to_lowercase(),
-            t.elapsed().as_secs_f64()
-        );
+            .map_err(|e| format!("prefetch = {name}: {e}"))?;
+        log_info!("prefetch {name}: {:.1}s", t.elapsed().as_secs_f64());
     }
     Ok(())
 }

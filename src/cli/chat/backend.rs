@@ -21,7 +21,7 @@ pub enum Outcome {
     Failed(String),
 }
 
-pub use crate::cli::ReplyArgs as Sampling;
+use crate::cli::ReplyArgs;
 
 pub trait Backend {
     /// Generates the assistant's reply to `messages` (ending with the
@@ -37,7 +37,7 @@ const POLL: Duration = Duration::from_millis(50);
 
 pub struct Daemon {
     socket: PathBuf,
-    sampling: Sampling,
+    sampling: ReplyArgs,
     conn: Option<Conn>,
     next_id: u64,
 }
@@ -80,7 +80,7 @@ fn connect(socket: &std::path::Path) -> Result<Conn, ConnectError> {
 
 impl Daemon {
     /// Connects now, so a missing daemon is reported before the first prompt.
-    pub fn connect(socket: PathBuf, sampling: Sampling) -> Result<Daemon, ConnectError> {
+    pub fn connect(socket: PathBuf, sampling: ReplyArgs) -> Result<Daemon, ConnectError> {
         let conn = connect(&socket)?;
         Ok(Daemon {
             socket,
@@ -202,7 +202,7 @@ pub struct Direct {
     model: Model,
     tok: Tokenizer,
     session: Session,
-    sampling: Sampling,
+    sampling: ReplyArgs,
 }
 
 /// The daemon's default reply length, so both modes behave alike.
@@ -214,7 +214,7 @@ impl Direct {
         model: Model,
         tok: Tokenizer,
         n_ctx: Option<usize>,
-        sampling: Sampling,
+        sampling: ReplyArgs,
     ) -> Result<Direct, String> {
         let n_ctx = n_ctx.unwrap_or(model.hp.context_length);
         if n_ctx == 0 {

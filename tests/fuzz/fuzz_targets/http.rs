@@ -29,8 +29,8 @@ fuzz_target!(|data: &[u8]| {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
-            if let Some((status, message)) = e.status() {
-                assert!((400..500).contains(&status) && !message.is_empty());
+            if let Some(reply) = e.reply() {
+                assert!((400..500).contains(&reply.status) && !reply.message.is_empty());
             }
             return;
         }

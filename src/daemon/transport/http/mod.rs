@@ -345,20 +345,12 @@ fn serve(ctx: &Ctx, conn: &Conn, stream: Stream) {
         let req = match reader.next(&ctx.limits, out) {
             Ok(r) => r,
             Err(e) => {
-                if let Some((status, message)) = e.status() {
-                    log_debug!("http: bad request: {message}");
-                    if status == 413 {
+                if let Some(reply) = e.reply() {
+                    log_debug!("http: bad request: {}", reply.message);
+                    if matches!(e, ReadError::BodyTooLarge { .. }) {
                         ctx.scheduler.count_refused(ErrorCode::PayloadTooLarge);
                     }
-                    let (kind, code) = match status {
-                        408 => ("timeout_error", "timeout"),
-                        411 => ("invalid_request_error", "length_required"),
-                        413 => ("invalid_request_error", ErrorCode::PayloadTooLarge.as_str()),
-                        431 => ("invalid_request_error", "headers_too_large"),
-                        _ => ("invalid_request_error", "invalid_request"),
-                    };
-                    let _ = error_response(&HttpError::new(status, kind, code, message))
-                        .write(out, false);
+                    let _ = error_response(&reply).write(out, false);
                 } else if let ReadError::Io(e) = e {
                     log_debug!("http: read error: {e}");
                 }
@@ -522,21 +514,21 @@ fn generate(ctx: &Ctx, req: &wire::Request, out: &Stream, kind: Kind) -> bool {
         "cmpl"
     };
     let id = format!("{prefix}-{:x}{n:06x}", ctx.id_stamp);
-    let translated = openai::parse_body(&req.body).and_then(|o| match kind {
-        Kind::Chat => openai::chat_request(&o, id.clone()),
-        Kind::Completion => openai::completion_request(&o, id.clone()),
-    });
+    let refuse = |code: ErrorCode, e: HttpError| {
+        ctx.scheduler.count_refused(code);
+        write(error_response(&e))
+    };
+    let body = match openai::parse_body(&req.body) {
+        Ok(o) => o,
+        Err(e) => return refuse(ErrorCode::InvalidJson, e),
+    };
+    let translated = match kind {
+        Kind::Chat => openai::chat_request(&body, id.clone()),
+        Kind::Completion => openai::completion_request(&body, id.clone()),
+    };
     let t = match translated {
         Ok(t) => t,
-        Err(e) => {
-            let code = if e.code == "invalid_json" {
-                ErrorCode::InvalidJson
-            } else {
-                ErrorCode::InvalidRequest
-            };
-            ctx.scheduler.count_refused(code);
-            return write(error_response(&e));
-        }
+        Err(e) => return refuse(ErrorCode::InvalidRequest, e),
     };
     let (tx, rx) = mpsc::sync_channel(MAX_PENDING_EVENTS);
     let job = match ctx.scheduler.submit(&t.request, Box::new(ChannelSink(tx))) {

@@ -6,6 +6,8 @@
 //! a daemon on a small device has to control itself: every byte it buffers
 //! and every second it waits.
 
+use super::openai::HttpError;
+use crate::daemon::protocol::ErrorCode;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -135,22 +137,40 @@ pub enum ReadError {
 }
 
 impl ReadError {
-    /// The status and message to answer with, if any.
-    pub fn status(&self) -> Option<(u16, String)> {
+    /// The error to answer with, if any.
+    pub fn reply(&self) -> Option<HttpError> {
+        let invalid = |status, code, message: String| {
+            HttpError::new(status, "invalid_request_error", code, message)
+        };
         Some(match self {
             ReadError::Closed | ReadError::Idle | ReadError::Io(_) => return None,
-            ReadError::Timeout => (408, "the request did not arrive in time".into()),
-            ReadError::HeadTooLarge => (431, "the request line and headers are too large".into()),
-            ReadError::BodyTooLarge { length, limit } => (
+            ReadError::Timeout => HttpError::new(
+                408,
+                "timeout_error",
+                "timeout",
+                "the request did not arrive in time",
+            ),
+            ReadError::HeadTooLarge => invalid(
+                431,
+                "headers_too_large",
+                "the request line and headers are too large".into(),
+            ),
+            ReadError::BodyTooLarge { length, limit } => invalid(
                 413,
+                ErrorCode::PayloadTooLarge.as_str(),
                 format!("the body is {length} bytes; the limit is {limit} (http.max_body_bytes)"),
             ),
-            ReadError::LengthRequired => (
+            ReadError::LengthRequired => invalid(
                 411,
+                "length_required",
                 "a request body needs a Content-Length header (chunked uploads are not supported)"
                     .into(),
             ),
-            ReadError::Malformed(why) => (400, format!("malformed HTTP request: {why}")),
+            ReadError::Malformed(why) => invalid(
+                400,
+                "invalid_request",
+                format!("malformed HTTP request: {why}"),
+            ),
         })
     }
 }
@@ -539,7 +559,13 @@ mod tests {
 
     #[test]
     fn bad_requests_get_the_right_status() {
-        let status = |input: &[u8]| read(input)[0].as_ref().unwrap_err().status().map(|s| s.0);
+        let status = |input: &[u8]| {
+            read(input)[0]
+                .as_ref()
+                .unwrap_err()
+                .reply()
+                .map(|e| e.status)
+        };
         assert_eq!(
             status(b"POST / HTTP/1.1\r\nContent-Length: 17\r\n\r\n"),
             Some(413)
