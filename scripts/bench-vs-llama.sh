@@ -10,8 +10,9 @@
 #     ($LLAMA_CPP_PY_VERSION) vendors it under vendor/llama.cpp. Nothing of
 #     llama.cpp is committed here; it lives in $WORK (.work is git-ignored).
 #  2. builds llama.cpp's llama-bench with cmake: Release, CPU backend only,
-#     AVX2/FMA/F16C/BMI2 (the edge ISA crystald's x86 kernels use; no
-#     AVX-512/AMX even where the CPU reports them), static, -j$JOBS under nice.
+#     AVX2/FMA/F16C/BMI2 plus AVX-512 F/BW/VL/VBMI/VNNI/BF16 (LLAMA_ISA=avx512,
+#     what a native build uses on an AVX-512 VNNI CPU, without AMX) or not
+#     (LLAMA_ISA=avx2), static, -j$JOBS under nice.
 #     cmake and GNU time are installed with apt-get when missing (needs root).
 #  3. writes a random-weight LLaMA-architecture GGUF with CrystalChat-7B
 #     dimensions (n_embd 4096, 32 layers, 32 heads, n_ff 10944, vocab 32032,
@@ -23,11 +24,14 @@
 #     (27 GB of fp32 shards in .work/bench; skipped when the file exists).
 #  5. for each thread count (2 then 1), alternating: llama-bench -p 64 -n 32
 #     in default mode (Q4_0 weights repacked at load, --repack 1), llama-bench
-#     with --repack 0 (plain mmap), and crystald bench; each under
-#     /usr/bin/time -v for peak RSS. Both model files are read once first so
-#     that both start from a warm page cache.
-#  6. prints one table (prefill and decode tok/s, peak RSS, ratios crystald /
-#     llama.cpp default and crystald / llama.cpp no-repack) plus the machine
+#     with --repack 0 (plain mmap), and crystald bench once per kernel set in
+#     $KERNELS (its table includes the read bandwidth of the mapped model with
+#     the same threads, hence the decode ceiling); each under /usr/bin/time -v
+#     for peak RSS. Both model files are read once first so that both start
+#     from a warm page cache.
+#  6. prints the tables (prefill and decode tok/s, peak RSS, decode against the
+#     bandwidth ceiling, ratios crystald / llama.cpp default and crystald /
+#     llama.cpp no-repack per kernel set) plus the machine
 #     and its load average at start and end. Raw outputs and the table stay
 #     in $WORK/results-<date>/.
 #
@@ -39,6 +43,8 @@
 #                         made if missing, e.g. CRYSTAL_MODEL=/path/synth-7b-q4_0.gguf
 #                         to reuse an existing one
 #   THREADS               thread counts ["2 1"]
+#   KERNELS               crystald kernel sets to measure, each its own row ["auto avx2"]
+#   LLAMA_ISA             llama.cpp's instruction sets: avx512 or avx2 [avx512]
 #   REPS                  repetitions per measurement, medians/means reported [3]
 #   ROUNDS                times the whole alternation is repeated [1]; medians over rounds
 #   JOBS                  build parallelism [2]
@@ -56,9 +62,11 @@ cd "$(dirname "$0")/.."
 
 WORK=${WORK:-.work/llama}
 LLAMA_CPP_PY_VERSION=${LLAMA_CPP_PY_VERSION:-0.3.36}
+LLAMA_ISA=${LLAMA_ISA:-avx512}
 LLAMA_MODEL=${LLAMA_MODEL:-$WORK/llama-7b-q4_0.gguf}
 CRYSTAL_MODEL=${CRYSTAL_MODEL:-.work/bench/synth-7b-q4_0.gguf}
 THREADS=${THREADS:-"2 1"}
+KERNELS=${KERNELS:-"auto avx2"}
 REPS=${REPS:-3}
 ROUNDS=${ROUNDS:-1}
 JOBS=${JOBS:-2}
@@ -86,12 +94,14 @@ report() {
     echo "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.1f GiB", $2/2^20}' /proc/meminfo) RAM"
     echo "load average (1/5/15 min): start $(cat "$res/load-start"), end $(cat "$res/load-end"); $(cat "$res/elapsed") s in all"
     commit=$(awk -v v="## [$LLAMA_CPP_PY_VERSION]" '$0 == v {f=1; next} /^## / {f=0} f && /llama.cpp@/ {sub(/.*llama.cpp@/, ""); print; exit}' "$sdist_dir/CHANGELOG.md" 2>/dev/null || true)
-    echo "llama.cpp: ggml-org/llama.cpp@${commit:-unknown} as vendored in llama-cpp-python $LLAMA_CPP_PY_VERSION (ggml $(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$src/ggml/CMakeLists.txt" | paste -sd.)), CPU backend, AVX2/FMA/F16C"
+    echo "llama.cpp: ggml-org/llama.cpp@${commit:-unknown} as vendored in llama-cpp-python $LLAMA_CPP_PY_VERSION (ggml $(sed -n 's/^set(GGML_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\))/\2/p' "$src/ggml/CMakeLists.txt" | paste -sd.)), CPU backend, LLAMA_ISA=$LLAMA_ISA"
     echo "llama.cpp model: $LLAMA_MODEL ($(du -b "$LLAMA_MODEL" | awk '{printf "%.2f GiB", $1/2^30}'))"
     echo "crystald model:  $CRYSTAL_MODEL ($(du -b "$CRYSTAL_MODEL" | awk '{printf "%.2f GiB", $1/2^30}')), crystald $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src quantize Cargo.toml Cargo.lock || echo '+dirty')"
+    echo "crystald kernels: $KERNELS ($(grep -ho '^kernels [a-z0-9-]*' "$res"/crystald-*-r1.err | sort -u | paste -sd, | sed 's/kernels //g') as run)"
+    echo "CPU flags (SIMD): $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|fma|f16c|sse4|ssse3|amx)' | sort | paste -sd' ')"
     echo "reps $REPS per measurement, $ROUNDS round(s); prompt 64 tokens, 32 generated; medians"
     echo
-    RES=$res THREADS=$THREADS ROUNDS=$ROUNDS "$PY" - <<'EOF'
+    RES=$res THREADS=$THREADS ROUNDS=$ROUNDS KERNELS=$KERNELS "$PY" - <<'EOF'
 import json, os, re, statistics as st
 res, rounds = os.environ["RES"], int(os.environ["ROUNDS"])
 threads = os.environ["THREADS"].split()
@@ -121,12 +131,14 @@ def llama(name):
 def crystald(name):
     rows = [l for l in open(f"{res}/{name}.out") if re.match(r"\|\s*\d+\s*\|", l)]
     c = [x.strip() for x in rows[-1].strip().strip("|").split("|")]
-    # threads, prefill, decode, load ms, peak RSS MiB, anon RSS MiB, KV MiB (medians)
-    return float(c[1]), float(c[2]), peak_gib(name), f"(medians only; load {c[3]} ms, anon {c[5]} MiB)"
+    # threads, prefill, decode, load ms, peak RSS MiB, anon RSS MiB, KV MiB,
+    # read GB/s, ceiling tok/s, decode / ceiling (medians)
+    return (float(c[1]), float(c[2]), peak_gib(name),
+            f"(medians only; anon {c[5]} MiB; read {c[7]} GB/s, ceiling {c[8]} tok/s)", float(c[8]))
 
 engines = [("llama.cpp default (repack)", "llama-default", llama),
-           ("llama.cpp --repack 0 (mmap)", "llama-norepack", llama),
-           ("crystald", "crystald", crystald)]
+           ("llama.cpp --repack 0 (mmap)", "llama-norepack", llama)]
+engines += [(f"crystald {k}", f"crystald-{k}", crystald) for k in os.environ["KERNELS"].split()]
 table = {}
 print("| engine | threads | prefill pp64 tok/s | decode tg32 tok/s | peak RSS GiB | samples min-max | load 1m before→after |")
 print("|---|---|---|---|---|---|---|")
@@ -135,18 +147,31 @@ for t in threads:
         names = [f"{key}-t{t}-r{r}" for r in range(1, rounds + 1)]
         vals = [f(n) for n in names]
         pp, tg, rss = (st.median([v[i] for v in vals]) for i in range(3))
-        table[(key, t)] = (pp, tg, rss)
+        ceil = st.median([v[4] for v in vals]) if len(vals[0]) > 4 else None
+        table[(key, t)] = (pp, tg, rss, ceil)
         spread = "; ".join(v[3] for v in vals)
         loads = "; ".join(load1(n) for n in names)
         print(f"| {label} | {t} | {pp:.2f} | {tg:.2f} | {rss:.2f} | {spread} | {loads} |")
 print()
+print("Bandwidth ceiling: decode tok/s if every byte of crystald's model file streamed at the")
+print("read bandwidth that crystald bench measures with the same threads, in the same process.")
+print()
+print("| crystald kernels | threads | ceiling tok/s | crystald decode / ceiling | llama.cpp default decode / ceiling |")
+print("|---|---|---|---|---|")
+for t in threads:
+    for label, key, f in engines[2:]:
+        c = table[(key, t)]
+        l = table[("llama-default", t)]
+        print(f"| {label} | {t} | {c[3]:.2f} | {100 * c[1] / c[3]:.0f} % | {100 * l[1] / c[3]:.0f} % |")
+print()
 print("| ratio crystald / llama.cpp | threads | prefill | decode | peak RSS |")
 print("|---|---|---|---|---|")
 for t in threads:
-    c = table[("crystald", t)]
-    for label, key in [("vs default (repack)", "llama-default"), ("vs --repack 0", "llama-norepack")]:
-        l = table[(key, t)]
-        print(f"| {label} | {t} | {c[0] / l[0]:.2f} | {c[1] / l[1]:.2f} | {c[2] / l[2]:.2f} |")
+    for clabel, ckey, _ in engines[2:]:
+        c = table[(ckey, t)]
+        for label, key in [("vs default (repack)", "llama-default"), ("vs --repack 0", "llama-norepack")]:
+            l = table[(key, t)]
+            print(f"| {clabel} {label} | {t} | {c[0] / l[0]:.2f} | {c[1] / l[1]:.2f} | {c[2] / l[2]:.2f} |")
 EOF
     echo
     echo "tok/s: medians over the repetitions (llama-bench samples; crystald bench's own medians)."
@@ -182,10 +207,18 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
     tarball=$WORK/llama_cpp_python-$LLAMA_CPP_PY_VERSION.tar.gz
     if [ ! -f "$tarball" ]; then
         say "downloading llama-cpp-python $LLAMA_CPP_PY_VERSION sdist from PyPI (vendors llama.cpp)"
-        # pip prepares the sdist's metadata in an isolated env (fetches scikit-build-core); no build.
-        "$PY" -m pip download --quiet --no-deps --no-binary :all: \
-            "llama-cpp-python==$LLAMA_CPP_PY_VERSION" -d "$WORK" ||
-            die "pip download of llama-cpp-python==$LLAMA_CPP_PY_VERSION failed"
+        # Straight from the index: `pip download` of an sdist prepares its
+        # metadata, which builds cmake from source under --no-binary.
+        TARBALL=$tarball "$PY" - "$LLAMA_CPP_PY_VERSION" <<'EOF' ||
+import os, re, sys, urllib.request
+name = f"llama_cpp_python-{sys.argv[1]}.tar.gz"
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/").read().decode()
+urls = [u.replace("&amp;", "&") for u in re.findall(r'href="([^"]+)"', index) if f"/{name}" in u]
+if not urls:
+    sys.exit(f"{name} is not on PyPI")
+urllib.request.urlretrieve(urls[0], os.environ["TARBALL"])
+EOF
+            die "download of llama-cpp-python $LLAMA_CPP_PY_VERSION failed"
     fi
     say "extracting $tarball"
     tar -xzf "$tarball" -C "$WORK"
@@ -193,16 +226,22 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
 fi
 
 # ---------------------------------------------------------------- 2. llama-bench
-build=$WORK/build-$LLAMA_CPP_PY_VERSION
+# The instruction sets: LLAMA_ISA=avx512 (default) adds AVX-512 F/BW/VL/VBMI/VNNI/BF16
+# to AVX2, which is what a native build picks on an AVX-512 VNNI CPU and what
+# crystald's avx512 kernels compete with; LLAMA_ISA=avx2 builds the edge-box
+# ISA (AVX2/FMA/F16C). Set explicitly rather than GGML_NATIVE: on a CPU that
+# reports AMX (the VMs this runs on can) a native build picks ggml's AMX path,
+# which dies with SIGILL when the hypervisor does not enable AMX tile state.
+case $LLAMA_ISA in
+avx512) isa_flags=(-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON) ;;
+avx2) isa_flags=(-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF) ;;
+*) die "LLAMA_ISA must be avx512 or avx2, not '$LLAMA_ISA'" ;;
+esac
+build=$WORK/build-$LLAMA_CPP_PY_VERSION-$LLAMA_ISA
 llama_bench=$build/bin/llama-bench
-# The ISA of the edge targets and of crystald's x86 kernels: AVX2 + FMA + F16C,
-# set explicitly rather than GGML_NATIVE. On a CPU that reports AVX-512/AMX
-# (the VMs this runs on do) a native build picks ggml's AMX path, which dies
-# with SIGILL when the hypervisor does not enable AMX tile state, and would
-# not measure the AVX2 code an edge device runs anyway.
 cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CCACHE=OFF
     -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON
-    -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+    -DGGML_AVX_VNNI=OFF "${isa_flags[@]}"
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
     -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
@@ -264,7 +303,9 @@ for r in $(seq 1 "$ROUNDS"); do
         say "round $r/$ROUNDS, $t thread(s)"
         run "llama-default-t$t-r$r" "$llama_bench" -m "$LLAMA_MODEL" -p 64 -n 32 -t "$t" -r "$REPS" --repack 1 -o jsonl
         run "llama-norepack-t$t-r$r" "$llama_bench" -m "$LLAMA_MODEL" -p 64 -n 32 -t "$t" -r "$REPS" --repack 0 -o jsonl
-        run "crystald-t$t-r$r" "$bin/crystald" bench -m "$CRYSTAL_MODEL" --threads-list "$t" --reps "$REPS"
+        for k in $KERNELS; do
+            run "crystald-$k-t$t-r$r" "$bin/crystald" bench -m "$CRYSTAL_MODEL" --kernels "$k" --threads-list "$t" --reps "$REPS"
+        done
     done
 done
 echo "$load_start" >"$res/load-start"

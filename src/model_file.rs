@@ -114,16 +114,16 @@ impl Hparams {
                 return Err(format!("{name} is 0"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 self.n_embd, self.n_head
             ));
         }
-        if self.n_embd % QK != 0 {
+        if !self.n_embd.is_multiple_of(QK) {
             return Err(format!("n_embd {} is not a multiple of {QK}", self.n_embd));
         }
-        if self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim() {
+        if !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > self.head_dim() {
             return Err(format!(
                 "rotary_dim {} must be even and at most head_dim {}",
                 self.rotary_dim,

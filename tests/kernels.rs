@@ -10,7 +10,7 @@
 //! `bench_*` (ignored) are micro-benchmarks:
 //! `cargo test --release --test kernels -- --ignored --nocapture --test-threads 1`.
 
-use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, Weight};
+use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, PackBuf, Weight};
 use crystald::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
 use half::f16;
 use std::ops::Range;
@@ -120,7 +120,7 @@ fn matmul_cases(cols_list: &[usize]) -> Vec<(usize, usize, Range<usize>, usize)>
     cases
 }
 
-/// Runs `matmul_rows` on every implementation and the reference, and
+/// Runs `matmul` (pack, then `matmul_rows`) on every implementation and the reference, and
 /// compares. `mag(r, t)` is the sum of |terms| of row `r` · token `t`.
 fn check_matmul(
     what: &str,
@@ -133,7 +133,7 @@ fn check_matmul(
     let n = x.n_tokens(w.cols);
     let len = rows.len() * n;
     let mut want = vec![f32::NAN; len];
-    Scalar.matmul_rows(w, x, rows.clone(), &mut want);
+    Scalar.matmul(w, *x, rows.clone(), &mut want);
     let mags: Vec<f32> = rows
         .clone()
         .flat_map(|r| (0..n).map(move |t| (r, t)))
@@ -143,7 +143,7 @@ fn check_matmul(
         // A longer output than needed: the kernel must leave the rest alone.
         let mut got = vec![f32::NAN; len + 3];
         got[len..].fill(-7.0);
-        k.matmul_rows(w, x, rows.clone(), &mut got);
+        k.matmul(w, *x, rows.clone(), &mut got);
         let ctx = format!(
             "{} {what} cols {} rows {rows:?} of {} tokens {n}",
             k.name(),
@@ -207,7 +207,14 @@ fn matmul_q4_0_matches_reference() {
 #[test]
 fn matmul_q4_0_extremes_match_reference() {
     let mut rng = Rng(14);
-    for (cols, rows, n) in [(32, 9, 8), (96, 7, 17), (416, 13, 64), (10944, 5, 16)] {
+    for (cols, rows, n) in [
+        (32, 9, 8),
+        (96, 7, 17),
+        (416, 13, 64),
+        (10944, 5, 16),
+        (4096, 6, 1),
+        (160, 5, 3),
+    ] {
         let nb = cols / QK;
         for (wbyte, xval) in [
             (0xFFu8, 127i8),
@@ -334,12 +341,62 @@ fn matmul_rejects_mismatched_activation_format() {
         };
         let x = [0.0f32; QK];
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            k.matmul_rows(&w, &Acts::F32(&x), 0..1, &mut [0.0])
+            k.matmul(&w, Acts::F32(&x), 0..1, &mut [0.0])
         }));
         assert!(
             r.is_err(),
             "{}: Q4_0 weights with f32 activations must panic",
             k.name()
+        );
+    }
+}
+
+/// A packed layout is private to the set that wrote it: handing it to
+/// another set (or using it with a weight of another type) must panic
+/// rather than read it as something else.
+#[test]
+fn matmul_rejects_activations_packed_by_another_set_or_for_another_type() {
+    let mut rng = Rng(21);
+    let (cols, n) = (4 * QK, 5);
+    let q4 = rng.q4_blocks(2 * cols / QK);
+    let q8 = rng.q8_blocks(2 * cols / QK);
+    let x = rng.q8_blocks(n * cols / QK);
+    let w4 = Weight {
+        ty: GgmlType::Q4_0,
+        rows: 2,
+        cols,
+        data: bytemuck::cast_slice(&q4),
+    };
+    let w8 = Weight {
+        ty: GgmlType::Q8_0,
+        rows: 2,
+        cols,
+        data: bytemuck::cast_slice(&q8),
+    };
+    let all = kernels();
+    for a in &all {
+        let mut buf = PackBuf::default();
+        let packed = a.pack(&w4, Acts::Q8_0(&x), &mut buf);
+        for b in &all {
+            let mut out = vec![0.0; 2 * n];
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                b.matmul_rows(&w4, &packed, 0..2, &mut out)
+            }));
+            assert_eq!(
+                r.is_ok(),
+                a.name() == b.name(),
+                "packed by {} used by {}",
+                a.name(),
+                b.name()
+            );
+        }
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            a.matmul_rows(&w8, &packed, 0..2, &mut [0.0; 10])
+        }));
+        assert!(
+            r.is_err(),
+            "{}: Q4_0 packing used for Q8_0 weights must panic",
+            a.name()
         );
     }
 }
@@ -586,6 +643,29 @@ fn axpy_f16_matches_reference() {
     }
 }
 
+/// Forcing a set this CPU lacks (every build knows the other architecture's
+/// names, so some always are), or a name no set has, is an error that names
+/// what was asked for and lists what is available, never a fallback.
+#[test]
+fn forcing_a_set_the_cpu_lacks_is_an_error_listing_the_available_ones() {
+    let avail: Vec<&str> = kernels().iter().map(|k| k.name()).collect();
+    let missing: Vec<&str> = ["scalar", "avx2", "avx512", "neon", "neon-dotprod", "sse9"]
+        .into_iter()
+        .filter(|n| !avail.contains(n))
+        .collect();
+    assert!(missing.len() >= 3, "{missing:?}");
+    for name in missing {
+        let err = match select(Some(name)) {
+            Ok(k) => panic!("'{name}' selected {}", k.name()),
+            Err(e) => e,
+        };
+        assert!(err.contains(&format!("'{name}'")), "{err}");
+        for a in &avail {
+            assert!(err.contains(a), "{err} does not list {a}");
+        }
+    }
+}
+
 #[test]
 fn every_available_implementation_can_be_selected_by_name() {
     for k in kernels() {
@@ -593,15 +673,30 @@ fn every_available_implementation_can_be_selected_by_name() {
     }
     assert_eq!(select(None).unwrap().name(), kernels()[0].name());
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
     {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        let best = if avx512 {
+            "avx512"
+        } else if avx2 {
+            "avx2"
+        } else {
+            "scalar"
+        };
         assert_eq!(
             select(None).unwrap().name(),
-            "avx2",
-            "AVX2 CPUs get the AVX2 kernels by default"
+            best,
+            "the best set this CPU supports is the default"
         );
+        let names: Vec<&str> = kernels().iter().map(|k| k.name()).collect();
+        assert_eq!(names.contains(&"avx512"), avx512, "{names:?}");
+        assert_eq!(names.contains(&"avx2"), avx2, "{names:?}");
     }
 }
 
@@ -647,14 +742,19 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Decode: a 4096 × 10944 Q4_0 matrix (the 7B MLP down/up shape) times one
-/// token, one thread. "hot": one matrix (25 MB, cache-resident on large-L3
-/// servers); "DRAM": 32 copies cycled (800 MB), so weights come from memory
-/// as in real decoding.
+/// Decode: 7B-shape Q4_0 matrices (25 MB) times one token, one thread.
+/// "hot": one matrix (cache-resident on large-L3 servers); "DRAM": 32
+/// copies cycled (800 MB), so weights come from memory as in real decoding.
 #[test]
 #[ignore]
 fn bench_q4_0_decode() {
-    let (rows, cols) = (4096, 10944);
+    // The MLP down projection's shape, then up/gate's (rows of 4096).
+    for (rows, cols) in [(4096, 10944), (10944, 4096)] {
+        bench_q4_0_decode_shape(rows, cols);
+    }
+}
+
+fn bench_q4_0_decode_shape(rows: usize, cols: usize) {
     let nb = cols / QK;
     let mut rng = Rng(12);
     let copies = 32;
@@ -669,13 +769,13 @@ fn bench_q4_0_decode() {
             cols,
             data: bytemuck::cast_slice(&mats[i]),
         };
-        let hot = best_of(5, || {
-            k.matmul_rows(&w(0), &Acts::Q8_0(&x), 0..rows, &mut out)
-        });
+        let mut buf = PackBuf::default();
+        let xp = k.pack(&w(0), Acts::Q8_0(&x), &mut buf);
+        let hot = best_of(5, || k.matmul_rows(&w(0), &xp, 0..rows, &mut out));
         let reps = if k.name() == "scalar" { 1 } else { 3 };
         let cold = best_of(reps, || {
             for i in 0..copies {
-                k.matmul_rows(&w(i), &Acts::Q8_0(&x), 0..rows, &mut out);
+                k.matmul_rows(&w(i), &xp, 0..rows, &mut out);
             }
         });
         println!(
@@ -710,9 +810,9 @@ fn bench_q4_0_prefill() {
         let mut out = vec![0.0f32; rows * n];
         // Best of many: on a shared machine the minimum is the run that had a core.
         let reps = if k.name() == "scalar" { 3 } else { 25 };
-        let t = best_of(reps, || {
-            k.matmul_rows(&w, &Acts::Q8_0(&x), 0..rows, &mut out)
-        });
+        let mut buf = PackBuf::default();
+        let xp = k.pack(&w, Acts::Q8_0(&x), &mut buf);
+        let t = best_of(reps, || k.matmul_rows(&w, &xp, 0..rows, &mut out));
         let bytes = (rows * nb * std::mem::size_of::<BlockQ4_0>()) as f64;
         println!(
             "q4_0 prefill {rows}x{cols} x {n} tokens {:>6}: {:6.3} GB/s of weights, {:6.2} G block-dots/s, {:.1} ms",

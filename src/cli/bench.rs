@@ -41,6 +41,8 @@ struct Sample {
     peak_rss_mb: f64,
     anon_rss_mb: f64,
     kv_mb: f64,
+    /// GB/s at which `threads` threads read the mapped model file.
+    read_gb_s: f64,
 }
 
 /// (peak RSS, anonymous RSS) in MiB.
@@ -83,6 +85,7 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
     }
     let decode = t.elapsed().as_secs_f64();
     let (peak, anon) = memory_mb();
+    let read_gb_s = model.read_bandwidth();
     Ok(Sample {
         threads,
         load_ms,
@@ -91,6 +94,7 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
         peak_rss_mb: peak,
         anon_rss_mb: anon,
         kv_mb: session.kv_bytes() as f64 / (1 << 20) as f64,
+        read_gb_s,
     })
 }
 
@@ -121,8 +125,17 @@ pub fn run(a: Args) -> Result<()> {
         a.kv_type,
         a.reps
     );
-    println!("| threads | prefill tok/s | decode tok/s | load ms | peak RSS MiB | anon RSS MiB | KV MiB |");
-    println!("|---|---|---|---|---|---|---|");
+    let kernels = match a.model.kernels.as_deref() {
+        Some(n) => crystald::kernels::select(Some(n)),
+        None => crystald::kernels::from_env(),
+    }
+    .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "kernels {}; ceiling: decode if every weight byte streamed at the read bandwidth",
+        kernels.name()
+    );
+    println!("| threads | prefill tok/s | decode tok/s | load ms | peak RSS MiB | anon RSS MiB | KV MiB | read GB/s | ceiling tok/s | decode / ceiling |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &threads in &a.threads_list {
         let mut samples = Vec::new();
         for _ in 0..a.reps {
@@ -155,14 +168,19 @@ pub fn run(a: Args) -> Result<()> {
                 .push(serde_json::from_slice::<Sample>(&out.stdout).context("bench child output")?);
         }
         let m = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        let file_bytes = file_mb * (1 << 20) as f64;
+        let ceiling = m(|s| s.read_gb_s) * 1e9 / file_bytes;
         println!(
-            "| {threads} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {threads} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} % |",
             m(|s| s.prefill_tok_s),
             m(|s| s.decode_tok_s),
             m(|s| s.load_ms),
             m(|s| s.peak_rss_mb),
             m(|s| s.anon_rss_mb),
-            m(|s| s.kv_mb)
+            m(|s| s.kv_mb),
+            m(|s| s.read_gb_s),
+            ceiling,
+            100.0 * m(|s| s.decode_tok_s) / ceiling
         );
     }
     Ok(())

@@ -55,7 +55,7 @@ pub struct ModelArgs {
     /// Compute threads (default: the physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Kernel set: auto, scalar, avx2, neon (default: CRYSTALD_KERNELS or auto).
+    /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod (default: CRYSTALD_KERNELS or auto).
     #[arg(long)]
     pub kernels: Option<String>,
 }

@@ -16,7 +16,7 @@ pub struct Args {
     /// Compute threads [config: threads; default: the physical cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Kernel set: auto, scalar, avx2, neon [config: kernels].
+    /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod [config: kernels].
     #[arg(long)]
     kernels: Option<String>,
     /// Context window in tokens [config: ctx; default: the model's].

@@ -37,7 +37,7 @@ pub struct Config {
     pub allowed_groups: Vec<Principal>,
     /// Compute threads (default: the physical cores).
     pub threads: Option<usize>,
-    /// Kernel set: auto, scalar, avx2, neon.
+    /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod.
     pub kernels: Option<String>,
     /// Context window in tokens (default: the model's).
     pub ctx: Option<usize>,

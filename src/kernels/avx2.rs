@@ -14,12 +14,11 @@
 //! which checks the CPU. Loads go through fixed-size arrays or slices whose
 //! length was checked just before, so no load can leave its buffer.
 
-use super::{Acts, Kernels, Weight};
+use super::{Acts, Kernels, PackBuf, Packed, Weight};
 use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
 use half::f16;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-use std::ops::Range;
 
 /// The AVX2 kernels. The private field keeps it from being built outside
 /// this module, so holding one proves the CPU check passed.
@@ -50,9 +49,8 @@ const DECODE_ROWS: usize = 4;
 /// unpacked weights and constants fit the 16 ymm registers.
 const PREFILL_ROWS: usize = 2;
 const PREFILL_TOKENS: usize = 4;
-/// How far ahead of the current block the decode loop asks for weights, in
-/// blocks. Hardware prefetchers follow the row streams, but a software hint
-/// a few cache lines ahead hides the page-crossing restarts.
+/// How far ahead of the current block the weight unpacking of the lane
+/// kernel asks for weights, in blocks.
 const PREFETCH_BLOCKS: usize = 16;
 
 impl Kernels for Avx2 {
@@ -60,44 +58,51 @@ impl Kernels for Avx2 {
         "avx2"
     }
 
-    fn matmul_rows(&self, w: &Weight<'_>, x: &Acts<'_>, rows: Range<usize>, out: &mut [f32]) {
-        let n = x.n_tokens(w.cols);
-        assert!(
-            rows.end <= w.rows,
-            "rows {rows:?} out of {} weight rows",
-            w.rows
-        );
-        assert!(
-            out.len() >= rows.len() * n,
-            "output too short for {} rows × {n} tokens",
-            rows.len()
-        );
-        let out = &mut out[..rows.len() * n];
+    fn pack<'a>(&self, w: &Weight<'_>, x: Acts<'a>, buf: &'a mut PackBuf) -> Packed<'a> {
+        let (n, nb) = (x.n_tokens(w.cols), w.cols / QK);
         match (w.ty, x) {
-            (GgmlType::Q4_0, Acts::Q8_0(x)) => {
-                let nb = w.cols / QK;
-                SCRATCH.with_borrow_mut(|s| {
-                    // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
-                    unsafe { matmul_q4_0(w.q4_0_rows(rows), nb, &x[..n * nb], n, out, s) }
-                })
+            (GgmlType::Q4_0, Acts::Q8_0(a)) if uses_lanes(n) => {
+                let lanes = buf.take::<LaneBlock>(n.div_ceil(LANES) * nb);
+                // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+                unsafe { pack_lanes(&a[..n * nb], nb, n, lanes) };
+                Packed::with_layout(self.name(), w, x, lanes)
             }
-            (GgmlType::Q8_0, Acts::Q8_0(x)) => {
-                let nb = w.cols / QK;
-                SCRATCH.with_borrow_mut(|s| {
-                    // SAFETY: as above.
-                    unsafe { matmul_q8_0(w.q8_0_rows(rows), nb, &x[..n * nb], n, out, s) }
-                })
-            }
-            (GgmlType::F16, Acts::F32(x)) => {
+            (GgmlType::Q4_0 | GgmlType::Q8_0, Acts::Q8_0(a)) => {
+                let blocks = buf.take::<TokBlock>(n * nb);
                 // SAFETY: as above.
-                unsafe { matmul_f16(w.f16_rows(rows), w.cols, &x[..n * w.cols], n, out) }
+                unsafe { pack(&a[..n * nb], nb, n, blocks) };
+                Packed::with_layout(self.name(), w, x, blocks)
             }
-            (GgmlType::F32, Acts::F32(x)) => {
-                // SAFETY: as above.
-                unsafe { matmul_f32(w.f32_rows(rows), w.cols, &x[..n * w.cols], n, out) }
-            }
-            (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
+            _ => Packed::plain(self.name(), w, x),
         }
+    }
+
+    fn matmul_q4_0(&self, w: &[BlockQ4_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        let n = x.n;
+        if uses_lanes(n) {
+            UNPACKED.with_borrow_mut(|wu| {
+                // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+                unsafe { matmul_q4_0_lanes(w, nb, x.layout(), n, out, wu) }
+            })
+        } else {
+            // SAFETY: as above.
+            unsafe { matmul_q4_0(w, nb, x.layout(), n, out) }
+        }
+    }
+
+    fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { matmul_q8_0(w, nb, x.layout(), x.n, out) }
+    }
+
+    fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { matmul_float(w, cols, x, n, out) }
+    }
+
+    fn matmul_f32(&self, w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { matmul_float(w, cols, x, n, out) }
     }
 
     fn quantize_q8_0(&self, x: &[f32], y: &mut [BlockQ8_0]) {
@@ -111,25 +116,25 @@ impl Kernels for Avx2 {
     fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: CPU features as above; both slices are cut to the same length.
-        unsafe { dot_f32(&a[..n], &b[..n]) }
+        unsafe { dot(&a[..n], &b[..n]) }
     }
 
     fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: as above.
-        unsafe { dot_f16(&a[..n], &b[..n]) }
+        unsafe { dot(&a[..n], &b[..n]) }
     }
 
     fn axpy_f32(&self, a: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
         // SAFETY: as above.
-        unsafe { axpy_f32(a, &x[..n], &mut y[..n]) }
+        unsafe { axpy(a, &x[..n], &mut y[..n]) }
     }
 
     fn axpy_f16(&self, a: f32, x: &[f16], y: &mut [f32]) {
         let n = x.len().min(y.len());
         // SAFETY: as above.
-        unsafe { axpy_f16(a, &x[..n], &mut y[..n]) }
+        unsafe { axpy(a, &x[..n], &mut y[..n]) }
     }
 }
 
@@ -154,20 +159,44 @@ unsafe fn half_to_f32(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Eight f32 from `s[..8]`; `s` must hold at least 8 (checked by slicing).
+/// An f32 or f16 element of float weights or the KV cache: everything the
+/// float kernels need, so each is written once, generic over the element.
+trait FloatElem: Copy {
+    /// Eight values from `s[..8]` as f32 (`s` is cut to 8, so the load
+    /// cannot leave it); callers have avx2, fma and f16c enabled.
+    unsafe fn load8(s: &[Self]) -> __m256;
+    fn to_f32(self) -> f32;
+}
+
+impl FloatElem for f32 {
+    #[inline(always)]
+    unsafe fn load8(s: &[f32]) -> __m256 {
+        let s = &s[..8];
+        _mm256_loadu_ps(s.as_ptr())
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl FloatElem for f16 {
+    #[inline(always)]
+    unsafe fn load8(s: &[f16]) -> __m256 {
+        let s = &s[..8];
+        _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()))
+    }
+
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Eight f32 from `s[..8]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load8(s: &[f32]) -> __m256 {
-    let s = &s[..8];
-    _mm256_loadu_ps(s.as_ptr())
-}
-
-/// Eight f16 from `s[..8]`, widened to f32.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load8_f16(s: &[f16]) -> __m256 {
-    let s = &s[..8];
-    _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()))
+    f32::load8(s)
 }
 
 /// Hints that the cache line at `p` will be read soon. Prefetches never
@@ -179,59 +208,78 @@ unsafe fn prefetch<T>(p: *const T) {
     _mm_prefetch(p.cast::<i8>(), _MM_HINT_T0);
 }
 
-/// Q8_0 activations repacked for the tiles: tokens in groups of
-/// `PREFILL_TOKENS` (the last group may be smaller), and within a group
-/// block-major (`[block][token]`), so a tile walks one contiguous, 32-byte
-/// aligned stream instead of 34-byte strided rows; scales widened to f32
-/// once rather than once per weight row.
-struct Packed {
-    n: usize,
-    qs: Vec<__m256i>,
-    /// Q4_0 only: `8·(x[2i] + x[2i+1])` as 16 i16 lanes, the correction
-    /// that turns a product with unsigned nibbles `q` into one with `q - 8`.
-    bias: Vec<__m256i>,
-    scale: Vec<f32>,
+/// Prefetches, into L2, the `bytes` of weights that follow a tile (the next
+/// tile's rows), spread over the tile's `steps` loop steps so they arrive
+/// during its time. One sequential prefetch stream a whole tile ahead keeps
+/// enough reads in flight for a single thread to stream weights at DRAM
+/// bandwidth; per-row hints a few hundred bytes ahead, or the hardware
+/// prefetchers alone, reached about 60 % of it on the development machine
+/// (several row streams, each crossing a page every few kilobytes).
+#[derive(Clone, Copy)]
+pub(super) struct NextTile {
+    base: *const u8,
+    /// Lines to have asked for after step `s`: `((s + 1) * rate) >> 16`.
+    rate: usize,
 }
 
-/// Per-thread buffers for packed activations, grown to the largest product
-/// seen and reused, so a matrix product allocates nothing once warm (the
-/// pool's threads live as long as the model).
-struct Scratch {
-    packed: Packed,
-    lanes: Vec<LaneBlock>,
-    unpacked: Vec<__m256i>,
+impl NextTile {
+    /// For a tile whose weights start at `tile` and take `bytes`.
+    pub(super) fn new<T>(tile: *const T, bytes: usize, steps: usize) -> NextTile {
+        NextTile {
+            base: tile.cast::<u8>().wrapping_add(bytes),
+            rate: (bytes.div_ceil(64) << 16) / steps.max(1) + 1,
+        }
+    }
+
+    /// The prefetches of loop step `s`. Requires SSE (every x86-64 CPU).
+    #[inline(always)]
+    pub(super) unsafe fn step(self, s: usize) {
+        let (from, to) = ((s * self.rate) >> 16, ((s + 1) * self.rate) >> 16);
+        for line in from..to {
+            // Prefetches never fault; `wrapping_add` keeps the address
+            // computation defined even past the weights.
+            _mm_prefetch(self.base.wrapping_add(line * 64).cast::<i8>(), _MM_HINT_T1);
+        }
+    }
+}
+
+/// One token's Q8_0 activation block, repacked for the tiles. Tokens come
+/// in groups of `PREFILL_TOKENS` (the last group may be smaller), and within
+/// a group block-major (`[block][token]`), so a tile walks one contiguous,
+/// aligned stream instead of 34-byte strided rows; the scale is widened to
+/// f32 once rather than once per weight row.
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(32))]
+struct TokBlock {
+    q: [i8; QK],
+    /// Q4_0 only: `8·(x[2i] + x[2i+1])` as 16 i16 lanes, the correction
+    /// that turns a product with unsigned nibbles `q` into one with `q - 8`.
+    bias: [i16; 16],
+    d: f32,
+    _pad: [u32; 7],
+}
+
+/// Whether a Q4_0 product over `n` tokens uses the lane kernel (packing and
+/// product must agree).
+fn uses_lanes(n: usize) -> bool {
+    n >= LANES_MIN_TOKENS
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch {
-            packed: Packed {
-                n: 0,
-                qs: Vec::new(),
-                bias: Vec::new(),
-                scale: Vec::new(),
-            },
-            lanes: Vec::new(),
-            unpacked: Vec::new(),
-        })
-    };
+    /// Per-thread weights unpacked for the lane kernel, grown to the largest
+    /// tile seen and reused (the pool's threads live as long as the model).
+    static UNPACKED: RefCell<Vec<__m256i>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`) into `p`, reusing
-/// its buffers. The group of tokens `t0..t0 + g` starts at index `t0 * nb`;
-/// block `b` of its token `t` is at `t0 * nb + b * g + t`.
+/// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`) into `p`
+/// (`n * nb` long). The group of tokens `t0..t0 + g` starts at index
+/// `t0 * nb`; block `b` of its token `t` is at `t0 * nb + b * g + t`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool, p: &mut Packed) {
-    assert_eq!(x.len(), n * nb);
+unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, p: &mut [TokBlock]) {
+    assert!(x.len() == n * nb && p.len() == n * nb);
     let eight = _mm256_set1_epi8(8);
-    p.n = n;
-    p.qs.clear();
-    p.bias.clear();
-    p.scale.clear();
-    p.qs.reserve(n * nb);
-    p.bias.reserve(if with_bias { n * nb } else { 0 });
-    p.scale.reserve(n * nb);
     // Loops, not iterator closures: closures may not inherit the target features.
+    let mut i = 0;
     let mut t0 = 0;
     while t0 < n {
         let g = PREFILL_TOKENS.min(n - t0);
@@ -239,11 +287,11 @@ unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, with_bias: bool, p: &mut Pa
             for t in t0..t0 + g {
                 let blk = &x[t * nb + b];
                 let v = _mm256_loadu_si256(blk.qs.as_ptr().cast());
-                p.qs.push(v);
-                if with_bias {
-                    p.bias.push(_mm256_maddubs_epi16(eight, v));
-                }
-                p.scale.push(half_to_f32(blk.d));
+                let out = &mut p[i];
+                _mm256_store_si256(out.q.as_mut_ptr().cast(), v);
+                _mm256_store_si256(out.bias.as_mut_ptr().cast(), _mm256_maddubs_epi16(eight, v));
+                out.d = half_to_f32(blk.d);
+                i += 1;
             }
         }
         t0 += g;
@@ -269,21 +317,17 @@ struct Group {
 /// Checks the lengths a tile of `r` rows × `t` tokens reads and writes, so
 /// the tile can index without per-access checks: its largest activation
 /// index is `t0 * nb + (nb - 1) * g + off + t - 1 < (t0 + g) * nb <= n * nb`.
-#[allow(clippy::too_many_arguments)]
-fn check_tile<W>(
-    r: usize,
-    t: usize,
-    nb: usize,
-    w: &[W],
-    x: &Packed,
-    at: Group,
-    out: &[f32],
-    bias: bool,
-) {
+fn check_tile<W>(r: usize, t: usize, nb: usize, w: &[W], x: Toks<'_>, at: Group, out: &[f32]) {
     assert!(r >= 1 && t >= 1 && at.off + t <= at.g && at.t0 + at.g <= x.n);
-    assert!(w.len() >= r * nb && x.qs.len() >= nb * x.n && x.scale.len() >= nb * x.n);
-    assert!(!bias || x.bias.len() >= nb * x.n);
+    assert!(w.len() >= r * nb && x.b.len() >= nb * x.n);
     assert!(out.len() >= (r - 1) * x.n + at.t0 + at.g);
+}
+
+/// `n` tokens packed by [`pack`].
+#[derive(Clone, Copy)]
+struct Toks<'a> {
+    n: usize,
+    b: &'a [TokBlock],
 }
 
 /// `R` weight rows × `T` tokens (at `at`) of Q4_0 × Q8_0. `w` holds the
@@ -300,24 +344,25 @@ fn check_tile<W>(
 unsafe fn tile_q4_0<const R: usize, const T: usize>(
     w: &[BlockQ4_0],
     nb: usize,
-    x: &Packed,
+    x: Toks<'_>,
     at: Group,
     out: &mut [f32],
 ) {
-    check_tile(R, T, nb, w, x, at, out, true);
+    check_tile(R, T, nb, w, x, at, out);
     let n = x.n;
-    let (wp, xp, bp, sp) = (w.as_ptr(), x.qs.as_ptr(), x.bias.as_ptr(), x.scale.as_ptr());
+    let (wp, xp) = (w.as_ptr(), x.b.as_ptr());
     let low = _mm256_set1_epi8(0x0F);
     let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let ahead = NextTile::new(wp, R * nb * std::mem::size_of::<BlockQ4_0>(), nb);
     for b in 0..nb {
+        ahead.step(b);
         let mut q = [_mm256_setzero_si256(); R];
         let mut dw = [_mm256_setzero_ps(); R];
         for r in 0..R {
             // SAFETY: r < R and b < nb, and check_tile saw w.len() >= R * nb.
             let blk = &*wp.add(r * nb + b);
-            prefetch(wp.wrapping_add(r * nb + b + PREFETCH_BLOCKS));
             let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
             q[r] = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), low);
             dw[r] = scale8(blk.d);
@@ -325,7 +370,10 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
             let i = at.t0 * nb + b * at.g + at.off + t;
-            let (xv, bias, dx) = (*xp.add(i), *bp.add(i), _mm256_set1_ps(*sp.add(i)));
+            let xb = &*xp.add(i);
+            let xv = _mm256_load_si256(xb.q.as_ptr().cast());
+            let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
+            let dx = _mm256_set1_ps(xb.d);
             for r in 0..R {
                 let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), bias);
                 let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
@@ -349,23 +397,24 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
 unsafe fn tile_q8_0<const R: usize, const T: usize>(
     w: &[BlockQ8_0],
     nb: usize,
-    x: &Packed,
+    x: Toks<'_>,
     at: Group,
     out: &mut [f32],
 ) {
-    check_tile(R, T, nb, w, x, at, out, false);
+    check_tile(R, T, nb, w, x, at, out);
     let n = x.n;
-    let (wp, xp, sp) = (w.as_ptr(), x.qs.as_ptr(), x.scale.as_ptr());
+    let (wp, xp) = (w.as_ptr(), x.b.as_ptr());
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let ahead = NextTile::new(wp, R * nb * std::mem::size_of::<BlockQ8_0>(), nb);
     for b in 0..nb {
+        ahead.step(b);
         let mut q = [_mm256_setzero_si256(); R];
         let mut mag = [_mm256_setzero_si256(); R];
         let mut dw = [_mm256_setzero_ps(); R];
         for r in 0..R {
             // SAFETY: r < R and b < nb, and check_tile saw w.len() >= R * nb.
             let blk = &*wp.add(r * nb + b);
-            prefetch(wp.wrapping_add(r * nb + b + PREFETCH_BLOCKS / 2));
             q[r] = _mm256_loadu_si256(blk.qs.as_ptr().cast());
             mag[r] = _mm256_sign_epi8(q[r], q[r]);
             dw[r] = scale8(blk.d);
@@ -373,7 +422,11 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
             let i = at.t0 * nb + b * at.g + at.off + t;
-            let (xv, dx) = (*xp.add(i), _mm256_set1_ps(*sp.add(i)));
+            let xb = &*xp.add(i);
+            let (xv, dx) = (
+                _mm256_load_si256(xb.q.as_ptr().cast()),
+                _mm256_set1_ps(xb.d),
+            );
             for r in 0..R {
                 let p = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(xv, q[r]));
                 let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
@@ -417,14 +470,13 @@ macro_rules! group_tiles {
 /// activations (`nb` × 4 tokens × 68 bytes, under 100 KB) stay cached while
 /// the weights stream past once per group, reused by the group's tokens.
 macro_rules! quant_matmul {
-    ($tile:ident, $bias:expr, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr, $scratch:expr) => {{
-        let (w, nb, x, n, out) = ($w, $nb, $x, $n, $out);
+    ($tile:ident, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr) => {{
+        let (w, nb, n, out) = ($w, $nb, $n, $out);
         if nb == 0 {
             out.fill(0.0);
             return;
         }
-        pack(x, nb, n, $bias, &mut $scratch.packed);
-        let x = &$scratch.packed;
+        let x = Toks { n, b: $x };
         let rows = w.len() / nb;
         if n == 1 {
             let one = Group {
@@ -470,30 +522,13 @@ macro_rules! quant_matmul {
 /// `w`: whole rows of `nb` blocks; `x`: `n` tokens of `nb` blocks;
 /// `out`: rows × `n`, grouped by row.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_q4_0(
-    w: &[BlockQ4_0],
-    nb: usize,
-    x: &[BlockQ8_0],
-    n: usize,
-    out: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    if n >= LANES_MIN_TOKENS && nb > 0 {
-        return matmul_q4_0_lanes(w, nb, x, n, out, &mut scratch.lanes, &mut scratch.unpacked);
-    }
-    quant_matmul!(tile_q4_0, true, w, nb, x, n, out, scratch)
+unsafe fn matmul_q4_0(w: &[BlockQ4_0], nb: usize, x: &[TokBlock], n: usize, out: &mut [f32]) {
+    quant_matmul!(tile_q4_0, w, nb, x, n, out)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_q8_0(
-    w: &[BlockQ8_0],
-    nb: usize,
-    x: &[BlockQ8_0],
-    n: usize,
-    out: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    quant_matmul!(tile_q8_0, false, w, nb, x, n, out, scratch)
+unsafe fn matmul_q8_0(w: &[BlockQ8_0], nb: usize, x: &[TokBlock], n: usize, out: &mut [f32]) {
+    quant_matmul!(tile_q8_0, w, nb, x, n, out)
 }
 
 // ---------------------------------------------------------------- Q4_0 prefill, tokens across lanes
@@ -518,26 +553,24 @@ const LANES_MIN_TOKENS: usize = 4;
 /// meet the matching 4 activation bytes of all eight tokens. Missing tokens
 /// of a last, partial group are zeros (scale 0), and their lanes are never
 /// stored.
-#[derive(Clone, Copy)]
-#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(32))]
 struct LaneBlock {
-    q: [__m256i; 8],
+    q: [[u8; 32]; 8],
     /// `8·Σ q` per lane (i32): the correction for unsigned nibbles, as in
     /// [`tile_q4_0`].
-    bias: __m256i,
+    bias: [i32; LANES],
     /// The activation scales, f32 per lane.
-    d: __m256,
+    d: [f32; LANES],
 }
 
 /// Packs `n` tokens of `nb` blocks (`x.len() == n * nb`) into
 /// `ceil(n / 8) * nb` lane blocks, group-major: block `b` of group `g` at
 /// `g * nb + b`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pack_lanes(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<LaneBlock>) {
-    assert_eq!(x.len(), n * nb);
+unsafe fn pack_lanes(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut [LaneBlock]) {
     let groups = n.div_ceil(LANES);
-    out.clear();
-    out.reserve(groups * nb);
+    assert!(x.len() == n * nb && out.len() == groups * nb);
     let ones8 = _mm256_set1_epi8(1);
     let ones16 = _mm256_set1_epi16(1);
     for g in 0..groups {
@@ -556,11 +589,13 @@ unsafe fn pack_lanes(x: &[BlockQ8_0], nb: usize, n: usize, out: &mut Vec<LaneBlo
             for qk in &q[1..] {
                 s = _mm256_add_epi16(s, _mm256_maddubs_epi16(ones8, *qk));
             }
-            out.push(LaneBlock {
-                q,
-                bias: _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 3),
-                d: _mm256_loadu_ps(d.as_ptr()),
-            });
+            let o = &mut out[g * nb + b];
+            for (dst, qk) in o.q.iter_mut().zip(q) {
+                _mm256_store_si256(dst.as_mut_ptr().cast(), qk);
+            }
+            let bias = _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 3);
+            _mm256_store_si256(o.bias.as_mut_ptr().cast(), bias);
+            o.d = d;
         }
     }
 }
@@ -601,9 +636,10 @@ unsafe fn transpose8x32(v: [__m256i; 8]) -> [__m256i; 8] {
 }
 
 /// Unpacks Q4_0 rows to one byte per weight (0..=15, element order): block
-/// `i` of `w` becomes `out[i]`.
+/// `i` of `w` becomes `out[i]`. Requires avx2, fma and f16c (the AVX-512
+/// set uses it too).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_q4_0(w: &[BlockQ4_0], out: &mut Vec<__m256i>) {
+pub(super) unsafe fn unpack_q4_0(w: &[BlockQ4_0], out: &mut Vec<__m256i>) {
     let low = _mm256_set1_epi8(0x0F);
     let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     out.clear();
@@ -663,9 +699,9 @@ unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
                 for g in 0..G {
                     // SAFETY: g < G and b < nb, and x.len() >= G * nb (asserted).
                     let xb = &*xp.add(g * nb + b);
-                    let q = &xb.q[4 * h..4 * h + 4];
                     for j in 0..4 {
-                        let p = _mm256_maddubs_epi16(wb[j], q[j]);
+                        let q = _mm256_load_si256(xb.q[4 * h + j].as_ptr().cast());
+                        let p = _mm256_maddubs_epi16(wb[j], q);
                         s[g] = if h == 0 && j == 0 {
                             p
                         } else {
@@ -677,8 +713,9 @@ unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
             for g in 0..G {
                 // SAFETY: as above.
                 let xb = &*xp.add(g * nb + b);
-                let i = _mm256_sub_epi32(_mm256_madd_epi16(s[g], ones), xb.bias);
-                let d = _mm256_mul_ps(dw, xb.d);
+                let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
+                let i = _mm256_sub_epi32(_mm256_madd_epi16(s[g], ones), bias);
+                let d = _mm256_mul_ps(dw, _mm256_load_ps(xb.d.as_ptr()));
                 acc[r][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, acc[r][g]);
             }
         }
@@ -710,13 +747,15 @@ unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
 unsafe fn matmul_q4_0_lanes(
     w: &[BlockQ4_0],
     nb: usize,
-    x: &[BlockQ8_0],
+    buf: &[LaneBlock],
     n: usize,
     out: &mut [f32],
-    buf: &mut Vec<LaneBlock>,
     wu: &mut Vec<__m256i>,
 ) {
-    pack_lanes(x, nb, n, buf);
+    if nb == 0 {
+        out.fill(0.0);
+        return;
+    }
     let groups = n.div_ceil(LANES);
     let rows = w.len() / nb;
     let mut r = 0;
@@ -749,110 +788,93 @@ unsafe fn matmul_q4_0_lanes(
 
 // ---------------------------------------------------------------- F16/F32 × F32
 
-/// Float tile, for F16 (`load8_f16`) or F32 (`load8`) weights: `R` rows of
-/// `cols` × `T` tokens of `cols`, the last `cols % 8` columns in scalar code.
-macro_rules! float_tile {
-    ($name:ident, $wty:ty, $load:ident, $to_f32:expr) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const R: usize, const T: usize>(
-            w: &[$wty],
-            cols: usize,
-            x: &[f32],
-            out: &mut [f32],
-            stride: usize,
-        ) {
-            let w: [&[$wty]; R] = std::array::from_fn(|r| &w[r * cols..(r + 1) * cols]);
-            let x: [&[f32]; T] = std::array::from_fn(|t| &x[t * cols..(t + 1) * cols]);
-            let mut acc = [[_mm256_setzero_ps(); T]; R];
-            let main = cols / 8 * 8;
-            let mut c = 0;
-            while c < main {
-                let mut wv = [_mm256_setzero_ps(); R];
-                for r in 0..R {
-                    prefetch(
-                        w[r].as_ptr()
-                            .wrapping_add(c + 256 / std::mem::size_of::<$wty>()),
-                    );
-                    wv[r] = $load(&w[r][c..]);
-                }
-                for t in 0..T {
-                    let xv = load8(&x[t][c..]);
-                    for r in 0..R {
-                        acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
-                    }
-                }
-                c += 8;
-            }
+/// Float tile, for F16 or F32 weights: `R` rows of `cols` × `T` tokens of
+/// `cols`, the last `cols % 8` columns in scalar code.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_float<E: FloatElem, const R: usize, const T: usize>(
+    w: &[E],
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let w: [&[E]; R] = std::array::from_fn(|r| &w[r * cols..(r + 1) * cols]);
+    let x: [&[f32]; T] = std::array::from_fn(|t| &x[t * cols..(t + 1) * cols]);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let main = cols / 8 * 8;
+    let mut c = 0;
+    while c < main {
+        let mut wv = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            prefetch(
+                w[r].as_ptr()
+                    .wrapping_add(c + 256 / std::mem::size_of::<E>()),
+            );
+            wv[r] = E::load8(&w[r][c..]);
+        }
+        for t in 0..T {
+            let xv = load8(&x[t][c..]);
             for r in 0..R {
-                for t in 0..T {
-                    let tail: f32 = w[r][main..]
-                        .iter()
-                        .zip(&x[t][main..])
-                        .map(|(&a, &b)| $to_f32(a) * b)
-                        .sum();
-                    out[r * stride + t] = hsum(acc[r][t]) + tail;
-                }
+                acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
             }
         }
-    };
+        c += 8;
+    }
+    for r in 0..R {
+        for t in 0..T {
+            let tail: f32 = w[r][main..]
+                .iter()
+                .zip(&x[t][main..])
+                .map(|(&a, &b)| a.to_f32() * b)
+                .sum();
+            out[r * stride + t] = hsum(acc[r][t]) + tail;
+        }
+    }
 }
 
-float_tile!(tile_f16, f16, load8_f16, f16::to_f32);
-float_tile!(tile_f32, f32, load8, |a: f32| a);
-
-macro_rules! float_matmul {
-    ($tile:ident, $w:expr, $cols:expr, $x:expr, $n:expr, $out:expr) => {{
-        let (w, cols, x, n, out) = ($w, $cols, $x, $n, $out);
-        if cols == 0 {
-            out.fill(0.0);
-            return;
-        }
-        let rows = w.len() / cols;
-        let mut r = 0;
-        // Decode: four rows per pass; prefill: 2 rows × 4 tokens (8
-        // accumulators, 2 weight vectors).
-        let rt = if n == 1 { 4 } else { 2 };
-        while rows - r >= rt {
-            let (wr, or) = (&w[r * cols..(r + rt) * cols], &mut out[r * n..(r + rt) * n]);
-            if rt == 4 {
-                $tile::<4, 1>(wr, cols, x, or, n);
-            } else {
-                let mut t = 0;
-                while n - t >= 4 {
-                    $tile::<2, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
-                    t += 4;
-                }
-                while t < n {
-                    $tile::<2, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
-                    t += 1;
-                }
-            }
-            r += rt;
-        }
-        while r < rows {
-            let (wr, or) = (&w[r * cols..(r + 1) * cols], &mut out[r * n..(r + 1) * n]);
+/// `w`: rows of `cols` values; `x`: `n` tokens of `cols`; `out`: rows × `n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_float<E: FloatElem>(w: &[E], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    if cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rows = w.len() / cols;
+    let mut r = 0;
+    // Decode: four rows per pass; prefill: 2 rows × 4 tokens (8
+    // accumulators, 2 weight vectors).
+    let rt = if n == 1 { 4 } else { 2 };
+    while rows - r >= rt {
+        let (wr, or) = (&w[r * cols..(r + rt) * cols], &mut out[r * n..(r + rt) * n]);
+        if rt == 4 {
+            tile_float::<E, 4, 1>(wr, cols, x, or, n);
+        } else {
             let mut t = 0;
             while n - t >= 4 {
-                $tile::<1, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                tile_float::<E, 2, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
                 t += 4;
             }
             while t < n {
-                $tile::<1, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
+                tile_float::<E, 2, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
                 t += 1;
             }
-            r += 1;
         }
-    }};
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_f16(w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
-    float_matmul!(tile_f16, w, cols, x, n, out)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_f32(w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
-    float_matmul!(tile_f32, w, cols, x, n, out)
+        r += rt;
+    }
+    while r < rows {
+        let (wr, or) = (&w[r * cols..(r + 1) * cols], &mut out[r * n..(r + 1) * n]);
+        let mut t = 0;
+        while n - t >= 4 {
+            tile_float::<E, 1, 4>(wr, cols, &x[t * cols..], &mut or[t..], n);
+            t += 4;
+        }
+        while t < n {
+            tile_float::<E, 1, 1>(wr, cols, &x[t * cols..], &mut or[t..], n);
+            t += 1;
+        }
+        r += 1;
+    }
 }
 
 // ---------------------------------------------------------------- quantize
@@ -912,16 +934,17 @@ unsafe fn quantize_block_q8_0(x: &[f32; QK]) -> BlockQ8_0 {
 
 // ---------------------------------------------------------------- attention
 
+/// `a · b` for f32 activations and f32 or f16 values (attention scores).
 /// Four accumulators: attention rows are 64-128 long, and one FMA chain
 /// would wait on its own latency every step.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dot<E: FloatElem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
     let (ar, br) = (a32.remainder(), b32.remainder());
     for (a, b) in a32.zip(b32) {
         for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(load8(&a[k * 8..]), load8(&b[k * 8..]), *acc);
+            *acc = _mm256_fmadd_ps(load8(&a[k * 8..]), E::load8(&b[k * 8..]), *acc);
         }
     }
     let (a8, b8) = (ar.chunks_exact(8), br.chunks_exact(8));
@@ -929,10 +952,10 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         .remainder()
         .iter()
         .zip(b8.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y.to_f32())
         .sum();
     for (a, b) in a8.zip(b8) {
-        acc[0] = _mm256_fmadd_ps(load8(a), load8(b), acc[0]);
+        acc[0] = _mm256_fmadd_ps(load8(a), E::load8(b), acc[0]);
     }
     hsum(_mm256_add_ps(
         _mm256_add_ps(acc[0], acc[1]),
@@ -940,56 +963,17 @@ unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     )) + tail
 }
 
+/// `y += a·x` for f32 or f16 `x` (attention's weighted sum of values).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
-    let (ar, br) = (a32.remainder(), b32.remainder());
-    for (a, b) in a32.zip(b32) {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            *acc = _mm256_fmadd_ps(load8(&a[k * 8..]), load8_f16(&b[k * 8..]), *acc);
-        }
-    }
-    let (a8, b8) = (ar.chunks_exact(8), br.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y.to_f32())
-        .sum();
-    for (a, b) in a8.zip(b8) {
-        acc[0] = _mm256_fmadd_ps(load8(a), load8_f16(b), acc[0]);
-    }
-    hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    )) + tail
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
+unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     let av = _mm256_set1_ps(a);
     let mut x8 = x.chunks_exact(8);
     let mut y8 = y.chunks_exact_mut(8);
     for (x, y) in (&mut x8).zip(&mut y8) {
-        let r = _mm256_fmadd_ps(av, load8(x), load8(y));
+        let r = _mm256_fmadd_ps(av, E::load8(x), load8(y));
         _mm256_storeu_ps(y.as_mut_ptr(), r);
     }
-    for (y, x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
-        *y += a * x;
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
-    let av = _mm256_set1_ps(a);
-    let mut x8 = x.chunks_exact(8);
-    let mut y8 = y.chunks_exact_mut(8);
-    for (x, y) in (&mut x8).zip(&mut y8) {
-        let r = _mm256_fmadd_ps(av, load8_f16(x), load8(y));
-        _mm256_storeu_ps(y.as_mut_ptr(), r);
-    }
-    for (y, x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
+    for (y, &x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
         *y += a * x.to_f32();
     }
 }

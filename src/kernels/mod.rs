@@ -12,6 +12,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod scalar;
@@ -93,16 +95,153 @@ impl Acts<'_> {
     }
 }
 
+/// The most bytes any kernel set's packed layout takes per activation block
+/// (one token's 32 values), for the scratch-memory budget.
+pub const PACKED_BYTES_PER_BLOCK: usize = 128;
+
+/// One 64-byte line of packed-activation storage: the alignment every
+/// packed layout may assume.
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Reusable storage for packed activations, grown to the largest product
+/// seen, so a warm forward pass allocates nothing.
+#[derive(Default)]
+pub struct PackBuf(Vec<Line>);
+
+impl PackBuf {
+    /// `count` zeroed values of `T` at the start of the buffer.
+    pub fn take<T: bytemuck::Pod>(&mut self, count: usize) -> &mut [T] {
+        let bytes = count * std::mem::size_of::<T>();
+        let lines = bytes.div_ceil(64);
+        self.0.clear();
+        self.0.resize(lines, Line([0; 64]));
+        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.0);
+        bytemuck::cast_slice_mut(&mut all[..bytes])
+    }
+
+    /// Returns the memory to the system.
+    pub fn release(&mut self) {
+        self.0 = Vec::new();
+    }
+}
+
+/// Activations ready for one matrix product: `n` tokens in the format the
+/// weight type needs, plus whatever layout the kernel set that packed them
+/// prefers. Packed once per product and shared by every thread's row range.
+#[derive(Clone, Copy)]
+pub struct Packed<'a> {
+    pub n: usize,
+    pub acts: Acts<'a>,
+    /// The weight type this was packed for.
+    pub ty: GgmlType,
+    /// The kernel set that packed it: only that set can read `layout`.
+    pub by: &'static str,
+    layout: &'a [u8],
+}
+
+impl<'a> Packed<'a> {
+    /// `x` as it is, no extra layout.
+    pub fn plain(by: &'static str, w: &Weight<'_>, x: Acts<'a>) -> Packed<'a> {
+        Packed::with_layout::<u8>(by, w, x, &[])
+    }
+
+    pub fn with_layout<T: bytemuck::Pod>(
+        by: &'static str,
+        w: &Weight<'_>,
+        x: Acts<'a>,
+        layout: &'a [T],
+    ) -> Packed<'a> {
+        Packed {
+            n: x.n_tokens(w.cols),
+            acts: x,
+            ty: w.ty,
+            by,
+            layout: bytemuck::cast_slice(layout),
+        }
+    }
+
+    /// The kernel set's layout as `T`s (the set knows which type it wrote).
+    pub fn layout<T: bytemuck::Pod>(&self) -> &'a [T] {
+        bytemuck::cast_slice(self.layout)
+    }
+}
+
 /// The hot operations, one implementation per instruction set.
+///
+/// A set implements the per-type products over whole rows; the checks and
+/// the type dispatch live once, in the provided [`Kernels::matmul_rows`].
 pub trait Kernels: Send + Sync {
     fn name(&self) -> &'static str;
 
+    /// Prepares activations for products with `w`: once per product, before
+    /// the rows are split across threads. The default keeps `x` as it is.
+    fn pack<'a>(&self, w: &Weight<'_>, x: Acts<'a>, buf: &'a mut PackBuf) -> Packed<'a> {
+        let _ = buf;
+        Packed::plain(self.name(), w, x)
+    }
+
+    /// `w`: whole Q4_0 rows of `nb` blocks; `out`: rows × `x.n`, grouped by row.
+    fn matmul_q4_0(&self, w: &[BlockQ4_0], nb: usize, x: &Packed<'_>, out: &mut [f32]);
+    fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]);
+    /// `x`: `n` tokens of `cols` f32 values.
+    fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]);
+    fn matmul_f32(&self, w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]);
+
     /// For each weight row `r` in `rows` and each token `t`:
-    /// `out[(r - rows.start) * n_tokens + t] = W[r] · x[t]`.
+    /// `out[(r - rows.start) * n + t] = W[r] · x[t]`.
     ///
     /// Output is grouped by weight row so that threads given disjoint row
     /// ranges write disjoint slices.
-    fn matmul_rows(&self, w: &Weight<'_>, x: &Acts<'_>, rows: Range<usize>, out: &mut [f32]);
+    fn matmul_rows(&self, w: &Weight<'_>, x: &Packed<'_>, rows: Range<usize>, out: &mut [f32]) {
+        let n = x.n;
+        assert!(
+            rows.end <= w.rows,
+            "rows {rows:?} out of {} weight rows",
+            w.rows
+        );
+        assert!(
+            out.len() >= rows.len() * n,
+            "output too short for {} rows × {n} tokens",
+            rows.len()
+        );
+        assert!(
+            x.by == self.name() && x.ty == w.ty,
+            "activations packed by '{}' for {} used by '{}' for {}",
+            x.by,
+            x.ty,
+            self.name(),
+            w.ty
+        );
+        let out = &mut out[..rows.len() * n];
+        let nb = w.cols / QK;
+        match (w.ty, x.acts) {
+            (GgmlType::Q4_0, Acts::Q8_0(a)) => {
+                assert!(a.len() >= n * nb, "activations too short");
+                self.matmul_q4_0(w.q4_0_rows(rows), nb, x, out)
+            }
+            (GgmlType::Q8_0, Acts::Q8_0(a)) => {
+                assert!(a.len() >= n * nb, "activations too short");
+                self.matmul_q8_0(w.q8_0_rows(rows), nb, x, out)
+            }
+            (GgmlType::F16, Acts::F32(a)) => {
+                self.matmul_f16(w.f16_rows(rows), w.cols, &a[..n * w.cols], n, out)
+            }
+            (GgmlType::F32, Acts::F32(a)) => {
+                self.matmul_f32(w.f32_rows(rows), w.cols, &a[..n * w.cols], n, out)
+            }
+            (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
+        }
+    }
+
+    /// [`Kernels::pack`] then [`Kernels::matmul_rows`], for a one-off
+    /// product on one thread.
+    fn matmul(&self, w: &Weight<'_>, x: Acts<'_>, rows: Range<usize>, out: &mut [f32]) {
+        let mut buf = PackBuf::default();
+        let x = self.pack(w, x, &mut buf);
+        self.matmul_rows(w, &x, rows, out)
+    }
 
     /// Quantizes `x` into Q8_0 blocks (`x.len() / 32` of them), with ggml's
     /// reference rounding.
@@ -120,8 +259,13 @@ pub fn available() -> Vec<&'static dyn Kernels> {
     let mut v: Vec<&'static dyn Kernels> = Vec::new();
     v.push(&scalar::Scalar);
     #[cfg(target_arch = "x86_64")]
-    if let Some(k) = avx2::Avx2::detect() {
-        v.push(k);
+    {
+        if let Some(k) = avx2::Avx2::detect() {
+            v.push(k);
+        }
+        if let Some(k) = avx512::Avx512::detect() {
+            v.push(k);
+        }
     }
     // Baseline before DotProd, so that after the reversal an A76/A78 gets
     // "neon-dotprod" first and a Cortex-A72 (Pi 4) gets "neon".
@@ -138,7 +282,7 @@ pub fn available() -> Vec<&'static dyn Kernels> {
     v
 }
 
-/// Picks the kernels: `name` ("scalar", "avx2", "neon", "neon-dotprod", or "auto"/None for
+/// Picks the kernels: `name` ("scalar", "avx2", "avx512", "neon", "neon-dotprod", or "auto"/None for
 /// the best available). An unknown or unsupported name is an error, never a
 /// silent fallback, so a forced run really tests what it names.
 pub fn select(name: Option<&str>) -> Result<&'static dyn Kernels, String> {

@@ -33,12 +33,11 @@
 //! list (or, for `#[inline(always)]` helpers, in its caller's), and every
 //! raw load reads a fixed-size array or a slice cut to the loaded length.
 
-use super::{Acts, Kernels, Weight};
-use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use super::{scalar::q8_acts, Kernels, Packed};
+use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
 use half::f16;
 use std::arch::aarch64::*;
 use std::arch::asm;
-use std::ops::Range;
 
 /// The AArch64 kernels. The private field keeps it from being built outside
 /// this module, so holding one proves the CPU check for its variant passed.
@@ -76,52 +75,36 @@ impl Kernels for Neon {
         }
     }
 
-    fn matmul_rows(&self, w: &Weight<'_>, x: &Acts<'_>, rows: Range<usize>, out: &mut [f32]) {
-        let n = x.n_tokens(w.cols);
-        assert!(
-            rows.end <= w.rows,
-            "rows {rows:?} out of {} weight rows",
-            w.rows
-        );
-        assert!(
-            out.len() >= rows.len() * n,
-            "output too short for {} rows × {n} tokens",
-            rows.len()
-        );
-        let out = &mut out[..rows.len() * n];
-        match (w.ty, x) {
-            (GgmlType::Q4_0, Acts::Q8_0(x)) => {
-                let nb = w.cols / QK;
-                let (w, x) = (w.q4_0_rows(rows), &x[..n * nb]);
-                if self.dotprod {
-                    // SAFETY: a dotprod `Neon` exists only after `detect_dotprod`.
-                    unsafe { matmul_q4_0_sdot(w, nb, x, n, out) }
-                } else {
-                    // SAFETY: any `Neon` exists only after `detect` saw NEON.
-                    unsafe { matmul_q4_0_widen(w, nb, x, n, out) }
-                }
-            }
-            (GgmlType::Q8_0, Acts::Q8_0(x)) => {
-                let nb = w.cols / QK;
-                let (w, x) = (w.q8_0_rows(rows), &x[..n * nb]);
-                if self.dotprod {
-                    // SAFETY: as above.
-                    unsafe { matmul_q8_0_sdot(w, nb, x, n, out) }
-                } else {
-                    // SAFETY: as above.
-                    unsafe { matmul_q8_0_widen(w, nb, x, n, out) }
-                }
-            }
-            (GgmlType::F16, Acts::F32(x)) => {
-                // SAFETY: NEON was detected; float code is the same in both variants.
-                unsafe { matmul_f16(w.f16_rows(rows), w.cols, &x[..n * w.cols], n, out) }
-            }
-            (GgmlType::F32, Acts::F32(x)) => {
-                // SAFETY: as above.
-                unsafe { matmul_f32(w.f32_rows(rows), w.cols, &x[..n * w.cols], n, out) }
-            }
-            (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
+    fn matmul_q4_0(&self, w: &[BlockQ4_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        let (x, n) = (q8_acts(x), x.n);
+        if self.dotprod {
+            // SAFETY: a dotprod `Neon` exists only after `detect_dotprod`.
+            unsafe { matmul_q4_0_sdot(w, nb, &x[..n * nb], n, out) }
+        } else {
+            // SAFETY: any `Neon` exists only after `detect` saw NEON.
+            unsafe { matmul_q4_0_widen(w, nb, &x[..n * nb], n, out) }
         }
+    }
+
+    fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        let (x, n) = (q8_acts(x), x.n);
+        if self.dotprod {
+            // SAFETY: as above.
+            unsafe { matmul_q8_0_sdot(w, nb, &x[..n * nb], n, out) }
+        } else {
+            // SAFETY: as above.
+            unsafe { matmul_q8_0_widen(w, nb, &x[..n * nb], n, out) }
+        }
+    }
+
+    fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        // SAFETY: NEON was detected; float code is the same in both variants.
+        unsafe { matmul_f16(w, cols, x, n, out) }
+    }
+
+    fn matmul_f32(&self, w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { matmul_f32(w, cols, x, n, out) }
     }
 
     fn quantize_q8_0(&self, x: &[f32], y: &mut [BlockQ8_0]) {
@@ -135,25 +118,25 @@ impl Kernels for Neon {
     fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: NEON was detected; both slices are cut to the same length.
-        unsafe { dot_f32(&a[..n], &b[..n]) }
+        unsafe { dot(&a[..n], &b[..n]) }
     }
 
     fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: as above.
-        unsafe { dot_f16(&a[..n], &b[..n]) }
+        unsafe { dot(&a[..n], &b[..n]) }
     }
 
     fn axpy_f32(&self, a: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
         // SAFETY: as above.
-        unsafe { axpy_f32(a, &x[..n], &mut y[..n]) }
+        unsafe { axpy(a, &x[..n], &mut y[..n]) }
     }
 
     fn axpy_f16(&self, a: f32, x: &[f16], y: &mut [f32]) {
         let n = x.len().min(y.len());
         // SAFETY: as above.
-        unsafe { axpy_f16(a, &x[..n], &mut y[..n]) }
+        unsafe { axpy(a, &x[..n], &mut y[..n]) }
     }
 }
 
@@ -715,17 +698,7 @@ unsafe fn quantize_block_q8_0(x: &[f32; QK]) -> BlockQ8_0 {
 /// Four accumulators of four lanes: attention rows are 64-128 long, and a
 /// single `fmla` chain would wait on its own latency every step.
 #[target_feature(enable = "neon")]
-unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    dot_generic(a, b)
-}
-
-#[target_feature(enable = "neon")]
-unsafe fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    dot_generic(a, b)
-}
-
-#[inline(always)]
-unsafe fn dot_generic<E: FloatElem>(a: &[f32], b: &[E]) -> f32 {
+unsafe fn dot<E: FloatElem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [vdupq_n_f32(0.0); 4];
     let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ar, br) = (a16.remainder(), b16.remainder());
@@ -755,17 +728,7 @@ unsafe fn dot_generic<E: FloatElem>(a: &[f32], b: &[E]) -> f32 {
 }
 
 #[target_feature(enable = "neon")]
-unsafe fn axpy_f32(a: f32, x: &[f32], y: &mut [f32]) {
-    axpy_generic(a, x, y)
-}
-
-#[target_feature(enable = "neon")]
-unsafe fn axpy_f16(a: f32, x: &[f16], y: &mut [f32]) {
-    axpy_generic(a, x, y)
-}
-
-#[inline(always)]
-unsafe fn axpy_generic<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
+unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     let mut x8 = x.chunks_exact(8);
     let mut y8 = y.chunks_exact_mut(8);
     for (x, y) in (&mut x8).zip(&mut y8) {

@@ -1,10 +1,9 @@
 //! Portable reference kernels, written for clarity. They define the results
 //! the SIMD kernels are tested against.
 
-use super::{Acts, Kernels, Weight};
-use crate::quant::{q8_0, BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use super::{Acts, Kernels, Packed};
+use crate::quant::{q8_0, BlockQ4_0, BlockQ8_0, QK};
 use half::f16;
-use std::ops::Range;
 
 pub struct Scalar;
 
@@ -43,34 +42,53 @@ pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
+/// `out[r * n + t] = dot(w row r, x token t)`, rows and tokens `len` long.
+fn per_row_token<W, X>(
+    w: &[W],
+    len: usize,
+    x: &[X],
+    n: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[W], &[X]) -> f32,
+) {
+    if len == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (wr, o) in w.chunks_exact(len).zip(out.chunks_exact_mut(n)) {
+        for (xt, o) in x.chunks_exact(len).zip(o) {
+            *o = dot(wr, xt);
+        }
+    }
+}
+
+/// The Q8_0 activations of a quantized product (`matmul_rows` checked the pairing).
+pub(crate) fn q8_acts<'a>(x: &Packed<'a>) -> &'a [BlockQ8_0] {
+    match x.acts {
+        Acts::Q8_0(a) => a,
+        Acts::F32(_) => unreachable!("matmul_rows pairs quantized weights with Q8_0"),
+    }
+}
+
 impl Kernels for Scalar {
     fn name(&self) -> &'static str {
         "scalar"
     }
 
-    fn matmul_rows(&self, w: &Weight<'_>, x: &Acts<'_>, rows: Range<usize>, out: &mut [f32]) {
-        let n = x.n_tokens(w.cols);
-        let nb = w.cols / QK;
-        for (i, r) in rows.enumerate() {
-            let o = &mut out[i * n..(i + 1) * n];
-            for (t, o) in o.iter_mut().enumerate() {
-                *o = match (w.ty, x) {
-                    (GgmlType::F32, Acts::F32(x)) => {
-                        dot_f32(w.f32_rows(r..r + 1), &x[t * w.cols..(t + 1) * w.cols])
-                    }
-                    (GgmlType::F16, Acts::F32(x)) => {
-                        dot_f16(&x[t * w.cols..(t + 1) * w.cols], w.f16_rows(r..r + 1))
-                    }
-                    (GgmlType::Q4_0, Acts::Q8_0(x)) => {
-                        dot_q4_0_q8_0(w.q4_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb])
-                    }
-                    (GgmlType::Q8_0, Acts::Q8_0(x)) => {
-                        dot_q8_0_q8_0(w.q8_0_rows(r..r + 1), &x[t * nb..(t + 1) * nb])
-                    }
-                    (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
-                };
-            }
-        }
+    fn matmul_q4_0(&self, w: &[BlockQ4_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        per_row_token(w, nb, q8_acts(x), x.n, out, dot_q4_0_q8_0)
+    }
+
+    fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        per_row_token(w, nb, q8_acts(x), x.n, out, dot_q8_0_q8_0)
+    }
+
+    fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        per_row_token(w, cols, x, n, out, |w, x| dot_f16(x, w))
+    }
+
+    fn matmul_f32(&self, w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        per_row_token(w, cols, x, n, out, dot_f32)
     }
 
     fn quantize_q8_0(&self, x: &[f32], y: &mut [BlockQ8_0]) {

@@ -20,7 +20,7 @@
 use super::kv_cache::{KvCache, KvSlice, KvType};
 use super::ops;
 use super::{EngineError, Model, TensorLoc};
-use crate::kernels::{ActType, Acts, Weight};
+use crate::kernels::{ActType, Acts, PackBuf, Packed, Weight};
 use crate::quant::{self, BlockQ8_0, QK};
 use rayon::prelude::*;
 
@@ -43,7 +43,8 @@ pub fn scratch_bytes(hp: &crate::model_file::Hparams, n_ctx: usize) -> u64 {
     let (t, d, ff, vocab) = (MAX_BATCH, hp.n_embd, hp.n_ff, hp.vocab_size);
     let widest = vocab.max(ff).max(3 * d);
     let floats = t * (4 * d + 3 * d + 2 * ff) + t * widest + t * vocab;
-    let q8 = t * ff.max(d) / QK * std::mem::size_of::<BlockQ8_0>();
+    let q8 = t * ff.max(d) / QK
+        * (std::mem::size_of::<BlockQ8_0>() + crate::kernels::PACKED_BYTES_PER_BLOCK);
     let rope = n_ctx * hp.rotary_dim / 2 * 8;
     (floats * 4 + q8 + rope + n_ctx * 4 * 64) as u64
 }
@@ -63,6 +64,7 @@ pub struct Session {
     gate: Vec<f32>,
     transposed: Vec<f32>,
     q8: Vec<BlockQ8_0>,
+    packed: PackBuf,
     logits: Vec<f32>,
 }
 
@@ -89,6 +91,7 @@ impl Session {
             gate: Vec::new(),
             transposed: Vec::new(),
             q8: Vec::new(),
+            packed: PackBuf::default(),
             logits: Vec::new(),
         }
     }
@@ -138,6 +141,7 @@ impl Session {
             *v = Vec::new();
         }
         self.q8 = Vec::new();
+        self.packed.release();
     }
 
     /// Runs `tokens` at positions `pos()..pos() + tokens.len()` and returns
@@ -209,7 +213,7 @@ impl Session {
             }
             self.qkv.resize(t * 3 * d, 0.0);
             let w = model.weight(layer.qkv_w);
-            let acts = prepare(k, &w, &self.h, &mut self.q8);
+            let acts = prepare(k, &w, &self.h, &mut self.q8, &mut self.packed);
             linear(
                 model,
                 &w,
@@ -222,7 +226,7 @@ impl Session {
             self.attention(model, l, t);
             self.proj.resize(t * d, 0.0);
             let w = model.weight(layer.attn_out_w);
-            let acts = prepare(k, &w, &self.att, &mut self.q8);
+            let acts = prepare(k, &w, &self.att, &mut self.q8, &mut self.packed);
             linear(
                 model,
                 &w,
@@ -247,7 +251,7 @@ impl Session {
             self.up.resize(t * ff, 0.0);
             self.gate.resize(t * ff, 0.0);
             let (up_w, gate_w) = (model.weight(layer.up_w), model.weight(layer.gate_w));
-            let acts = prepare(k, &up_w, &self.h, &mut self.q8);
+            let acts = prepare(k, &up_w, &self.h, &mut self.q8, &mut self.packed);
             linear(
                 model,
                 &up_w,
@@ -257,10 +261,10 @@ impl Session {
                 &mut self.up,
                 &mut self.transposed,
             );
-            let acts = if gate_w.act_type() == up_w.act_type() {
+            let acts = if gate_w.ty == up_w.ty {
                 acts
             } else {
-                prepare(k, &gate_w, &self.h, &mut self.q8)
+                prepare(k, &gate_w, &self.h, &mut self.q8, &mut self.packed)
             };
             linear(
                 model,
@@ -276,7 +280,7 @@ impl Session {
                 .zip(&self.gate)
                 .for_each(|(u, &g)| *u *= ops::silu(g));
             let w = model.weight(layer.down_w);
-            let acts = prepare(k, &w, &self.up, &mut self.q8);
+            let acts = prepare(k, &w, &self.up, &mut self.q8, &mut self.packed);
             linear(
                 model,
                 &w,
@@ -309,7 +313,7 @@ impl Session {
         }
         self.logits.resize(n_out * hp.vocab_size, 0.0);
         let head = model.weight(model.token_embd);
-        let acts = prepare(k, &head, &self.h, &mut self.q8);
+        let acts = prepare(k, &head, &self.h, &mut self.q8, &mut self.packed);
         matmul(
             model,
             &head,
@@ -382,7 +386,7 @@ fn linear(
     model: &Model,
     w: &Weight<'_>,
     b: TensorLoc,
-    x: Acts<'_>,
+    x: Packed<'_>,
     t: usize,
     out: &mut [f32],
     transposed: &mut Vec<f32>,
@@ -391,14 +395,16 @@ fn linear(
     ops::add_bias(out, model.vector(b));
 }
 
-/// Puts activations in the format `w` multiplies with (Q8_0 for quantized weights).
+/// Puts activations in the format `w` multiplies with (Q8_0 for quantized
+/// weights) and the layout the kernels want, once for all threads.
 fn prepare<'a>(
     k: &dyn crate::kernels::Kernels,
     w: &Weight<'_>,
     x: &'a [f32],
     q8: &'a mut Vec<BlockQ8_0>,
-) -> Acts<'a> {
-    match w.act_type() {
+    packed: &'a mut PackBuf,
+) -> Packed<'a> {
+    let acts = match w.act_type() {
         ActType::F32 => Acts::F32(x),
         ActType::Q8_0 => {
             let nb = w.cols / QK;
@@ -409,14 +415,15 @@ fn prepare<'a>(
             }
             Acts::Q8_0(q8)
         }
-    }
+    };
+    k.pack(w, acts, packed)
 }
 
 /// `out[t, r] = W[r] · x[t]`, weight rows split across the thread pool.
 fn matmul(
     model: &Model,
     w: &Weight<'_>,
-    x: Acts<'_>,
+    x: Packed<'_>,
     t: usize,
     out: &mut [f32],
     transposed: &mut Vec<f32>,

@@ -210,6 +210,12 @@ impl Model {
         residency::prefetch(self.file.map(), how)
     }
 
+    /// GB/s at which the compute threads read the whole mapped file: the
+    /// rate decode could at best stream the weights at (`crystald bench`).
+    pub fn read_bandwidth(&self) -> f64 {
+        residency::read_bandwidth(self.file.map(), &self.pool)
+    }
+
     fn weight(&self, t: TensorLoc) -> Weight<'_> {
         Weight {
             ty: t.ty,

@@ -71,3 +71,32 @@ fn human(bytes: u64) -> String {
         format!("{} KiB", bytes >> 10)
     }
 }
+
+/// How fast the threads of `pool` read all of `map`, in GB/s (best of three
+/// passes after a warm-up), each thread a contiguous share as a matrix
+/// product splits its rows.
+pub fn read_bandwidth(map: &Mmap, pool: &rayon::ThreadPool) -> f64 {
+    use rayon::prelude::*;
+    let words: &[u64] = bytemuck::cast_slice(&map[..map.len() / 64 * 64]);
+    let part = words.len().div_ceil(pool.current_num_threads()).max(8);
+    let pass = || {
+        let t = std::time::Instant::now();
+        pool.install(|| {
+            words.par_chunks(part).for_each(|chunk| {
+                // Eight independent sums: enough loads in flight, and a
+                // result the compiler cannot drop.
+                let mut acc = [0u64; 8];
+                for line in chunk.chunks_exact(8) {
+                    for (a, &w) in acc.iter_mut().zip(line) {
+                        *a = a.wrapping_add(w);
+                    }
+                }
+                std::hint::black_box(acc);
+            })
+        });
+        t.elapsed().as_secs_f64()
+    };
+    pass();
+    let best = (0..3).map(|_| pass()).fold(f64::INFINITY, f64::min);
+    (words.len() * 8) as f64 / best / 1e9
+}

@@ -291,7 +291,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> PResult<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of stack items".into());
         }
         let mut dict = match self.top()? {

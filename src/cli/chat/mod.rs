@@ -33,7 +33,7 @@ pub struct Args {
     /// With --model: compute threads (default: the physical cores).
     #[arg(long, requires = "model")]
     threads: Option<usize>,
-    /// With --model: kernel set (auto, scalar, avx2, neon).
+    /// With --model: kernel set (auto, scalar, avx2, avx512, neon, neon-dotprod).
     #[arg(long, requires = "model")]
     kernels: Option<String>,
     /// With --model: context size in tokens (default: the model's).
