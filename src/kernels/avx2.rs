@@ -722,18 +722,9 @@ unsafe fn tile_q4_0_lanes<const R: usize, const G: usize>(
     }
     for r in 0..R {
         for g in 0..G {
-            let t = t0 + g * LANES;
-            if t >= n {
-                break;
-            }
-            let o = &mut out[r * n + t..r * n + n.min(t + LANES)];
-            if o.len() == LANES {
-                _mm256_storeu_ps(o.as_mut_ptr(), acc[r][g]);
-            } else {
-                let mut v = [0.0f32; LANES];
-                _mm256_storeu_ps(v.as_mut_ptr(), acc[r][g]);
-                o.copy_from_slice(&v[..o.len()]);
-            }
+            let mut v = [0.0f32; LANES];
+            _mm256_storeu_ps(v.as_mut_ptr(), acc[r][g]);
+            super::store_lanes(&mut out[r * n..(r + 1) * n], t0 + g * LANES, &v);
         }
     }
 }
@@ -756,34 +747,18 @@ unsafe fn matmul_q4_0_lanes(
         out.fill(0.0);
         return;
     }
-    let groups = n.div_ceil(LANES);
-    let rows = w.len() / nb;
-    let mut r = 0;
-    while r < rows {
-        let rt = if rows - r >= LANE_ROWS { LANE_ROWS } else { 1 };
-        let (wr, or) = (&w[r * nb..(r + rt) * nb], &mut out[r * n..(r + rt) * n]);
-        unpack_q4_0(wr, wu);
-        let mut g = 0;
-        while g < groups {
-            let gt = if groups - g >= LANE_GROUPS {
-                LANE_GROUPS
-            } else {
-                1
-            };
-            let xg = &buf[g * nb..(g + gt) * nb];
-            let t0 = g * LANES;
-            match (rt, gt) {
-                (LANE_ROWS, LANE_GROUPS) => {
-                    tile_q4_0_lanes::<LANE_ROWS, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0)
-                }
-                (LANE_ROWS, _) => tile_q4_0_lanes::<LANE_ROWS, 1>(wr, wu, nb, xg, or, n, t0),
-                (_, LANE_GROUPS) => tile_q4_0_lanes::<1, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0),
-                _ => tile_q4_0_lanes::<1, 1>(wr, wu, nb, xg, or, n, t0),
-            }
-            g += gt;
-        }
-        r += rt;
-    }
+    lanes_matmul!(
+        tile_q4_0_lanes,
+        LANES,
+        LANE_ROWS,
+        LANE_GROUPS,
+        w,
+        nb,
+        buf,
+        n,
+        out,
+        wu
+    )
 }
 
 // ---------------------------------------------------------------- F16/F32 × F32

@@ -408,14 +408,9 @@ unsafe fn tile_lanes<const R: usize, const G: usize>(
     }
     for r in 0..R {
         for g in 0..G {
-            let t = t0 + g * LANES;
-            if t >= n {
-                break;
-            }
-            let o = &mut out[r * n + t..r * n + n.min(t + LANES)];
             let mut v = [0.0f32; LANES];
             _mm512_storeu_ps(v.as_mut_ptr(), acc[r][g]);
-            o.copy_from_slice(&v[..o.len()]);
+            super::store_lanes(&mut out[r * n..(r + 1) * n], t0 + g * LANES, &v);
         }
     }
 }
@@ -432,32 +427,16 @@ unsafe fn matmul_q4_0_lanes(
     out: &mut [f32],
     wu: &mut Vec<__m256i>,
 ) {
-    let groups = n.div_ceil(LANES);
-    let rows = w.len() / nb;
-    let mut r = 0;
-    while r < rows {
-        let rt = if rows - r >= LANE_ROWS { LANE_ROWS } else { 1 };
-        let (wr, or) = (&w[r * nb..(r + rt) * nb], &mut out[r * n..(r + rt) * n]);
-        unpack_q4_0(wr, wu);
-        let mut g = 0;
-        while g < groups {
-            let gt = if groups - g >= LANE_GROUPS {
-                LANE_GROUPS
-            } else {
-                1
-            };
-            let xg = &x[g * nb..(g + gt) * nb];
-            let t0 = g * LANES;
-            match (rt, gt) {
-                (LANE_ROWS, LANE_GROUPS) => {
-                    tile_lanes::<LANE_ROWS, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0)
-                }
-                (LANE_ROWS, _) => tile_lanes::<LANE_ROWS, 1>(wr, wu, nb, xg, or, n, t0),
-                (_, LANE_GROUPS) => tile_lanes::<1, LANE_GROUPS>(wr, wu, nb, xg, or, n, t0),
-                _ => tile_lanes::<1, 1>(wr, wu, nb, xg, or, n, t0),
-            }
-            g += gt;
-        }
-        r += rt;
-    }
+    lanes_matmul!(
+        tile_lanes,
+        LANES,
+        LANE_ROWS,
+        LANE_GROUPS,
+        w,
+        nb,
+        x,
+        n,
+        out,
+        wu
+    )
 }

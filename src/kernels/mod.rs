@@ -10,6 +10,54 @@
 //! quantized on the fly to Q8_0 (blocks of 32, as ggml does) and each block
 //! product is an integer dot scaled by the two block scales.
 
+/// The driver of a tokens-across-lanes Q4_0 prefill kernel (the AVX2 and
+/// AVX-512 sets each have one, with their own tile, lane count and tile
+/// shape): rows outside, so a tile's weights are read from memory once,
+/// unpacked to bytes into `$wu` (in L1) and reused by every token group;
+/// tiles of `$rows` rows × `$groups` lane groups of `$lanes` tokens, and
+/// tiles of 1 at the edges. `$x` holds the packed groups (`nb` blocks
+/// each); row `r` · token `t` goes to `$out[r * n + t]`. Expands inside the
+/// caller's `unsafe` target-feature function.
+#[cfg(target_arch = "x86_64")]
+macro_rules! lanes_matmul {
+    ($tile:ident, $lanes:ident, $rows:ident, $groups:ident, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr, $wu:expr) => {{
+        let (w, nb, x, n, out, wu) = ($w, $nb, $x, $n, $out, $wu);
+        let groups = n.div_ceil($lanes);
+        let rows = w.len() / nb;
+        let mut r = 0;
+        while r < rows {
+            let rt = if rows - r >= $rows { $rows } else { 1 };
+            let (wr, or) = (&w[r * nb..(r + rt) * nb], &mut out[r * n..(r + rt) * n]);
+            unpack_q4_0(wr, wu);
+            let mut g = 0;
+            while g < groups {
+                let gt = if groups - g >= $groups { $groups } else { 1 };
+                let xg = &x[g * nb..(g + gt) * nb];
+                let t0 = g * $lanes;
+                match (rt, gt) {
+                    ($rows, $groups) => $tile::<$rows, $groups>(wr, wu, nb, xg, or, n, t0),
+                    ($rows, _) => $tile::<$rows, 1>(wr, wu, nb, xg, or, n, t0),
+                    (_, $groups) => $tile::<1, $groups>(wr, wu, nb, xg, or, n, t0),
+                    _ => $tile::<1, 1>(wr, wu, nb, xg, or, n, t0),
+                }
+                g += gt;
+            }
+            r += rt;
+        }
+    }};
+}
+
+/// Writes one lane group's results, tokens `t..t + lanes.len()` of a row,
+/// to `row` (one weight row's `n` outputs); lanes past the last token (a
+/// last, partial group) are dropped.
+#[cfg(target_arch = "x86_64")]
+fn store_lanes(row: &mut [f32], t: usize, lanes: &[f32]) {
+    if t < row.len() {
+        let m = lanes.len().min(row.len() - t);
+        row[t..t + m].copy_from_slice(&lanes[..m]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
