@@ -282,6 +282,12 @@ fn streaming_plain_health_and_logprobs() {
         (&json!("health"), &json!("h"), &json!("ok"))
     );
     assert_eq!(h["model"], "tiny-a");
+    let avail: Vec<&str> = crystald::kernels::available()
+        .iter()
+        .map(|k| k.name())
+        .collect();
+    assert_eq!(h["kernels_available"], json!(avail), "{h}");
+    assert_eq!(h["kernels"], json!(avail[0]), "auto runs the best set: {h}");
     assert_eq!(h["queue_depth"], 0);
     assert!(h["requests_total"].as_u64().unwrap() >= 3);
     assert!(h["tokens_per_s"].as_f64().unwrap() > 0.0, "{h}");

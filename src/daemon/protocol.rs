@@ -448,6 +448,10 @@ pub struct Done {
 pub struct Health {
     pub status: &'static str,
     pub model: String,
+    /// The kernel set computing, and every set this CPU could run (best
+    /// first), for `--kernels` / `CRYSTALD_KERNELS`.
+    pub kernels: &'static str,
+    pub kernels_available: Vec<&'static str>,
     pub uptime_s: f64,
     /// Requests waiting for the worker (not counting the running one).
     pub queue_depth: usize,

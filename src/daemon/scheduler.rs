@@ -288,6 +288,11 @@ impl Scheduler {
         Health {
             status: if alive { "ok" } else { "failed" },
             model: self.shared.model_name.clone(),
+            kernels: self.shared.kernels,
+            kernels_available: crate::kernels::available()
+                .iter()
+                .map(|k| k.name())
+                .collect(),
             uptime_s: self.shared.started.elapsed().as_secs_f64(),
             queue_depth,
             queue_capacity: self.shared.capacity,
