@@ -56,11 +56,7 @@ fn memory_mb() -> (f64, f64) {
 
 fn measure(a: &Args, threads: usize) -> Result<Sample> {
     let started = Instant::now();
-    let k = match a.model.kernels.as_deref() {
-        Some(n) => crystald::kernels::select(Some(n)),
-        None => crystald::kernels::from_env(),
-    }
-    .map_err(anyhow::Error::msg)?;
+    let k = super::kernel_set(a.model.kernels.as_deref())?;
     let model = Model::load(&a.model.model, k, threads)?;
     let n_ctx = a.prompt_tokens + a.gen_tokens + 1;
     let mut session = Session::new(&model, n_ctx, a.kv_type);
@@ -125,11 +121,7 @@ pub fn run(a: Args) -> Result<()> {
         a.kv_type,
         a.reps
     );
-    let kernels = match a.model.kernels.as_deref() {
-        Some(n) => crystald::kernels::select(Some(n)),
-        None => crystald::kernels::from_env(),
-    }
-    .map_err(anyhow::Error::msg)?;
+    let kernels = super::kernel_set(a.model.kernels.as_deref())?;
     eprintln!(
         "kernels {}; ceiling: decode if every weight byte streamed at the read bandwidth",
         kernels.name()

@@ -66,16 +66,21 @@ impl ModelArgs {
     }
 }
 
+/// The kernel set `--kernels NAME` names, else `CRYSTALD_KERNELS`, else the best.
+pub fn kernel_set(name: Option<&str>) -> Result<&'static dyn kernels::Kernels> {
+    match name {
+        Some(name) => kernels::select(Some(name)),
+        None => kernels::from_env(),
+    }
+    .map_err(anyhow::Error::msg)
+}
+
 pub fn load(
     path: &Path,
     threads: Option<usize>,
     kernels: Option<&str>,
 ) -> Result<(Model, Tokenizer)> {
-    let k = match kernels {
-        Some(name) => kernels::select(Some(name)),
-        None => kernels::from_env(),
-    }
-    .map_err(anyhow::Error::msg)?;
+    let k = kernel_set(kernels)?;
     let threads = threads.unwrap_or_else(crystald::cpu::physical_cores);
     if threads == 0 {
         anyhow::bail!("--threads must be at least 1");

@@ -92,6 +92,8 @@ struct Shared {
     capacity: usize,
     model_name: String,
     kernels: &'static str,
+    /// Every kernel set this CPU offers, best first (for `health`).
+    kernels_available: Vec<&'static str>,
     started: Instant,
     worker_alive: AtomicBool,
     metrics: Arc<Metrics>,
@@ -176,6 +178,10 @@ impl Scheduler {
             capacity: cfg.queue_size,
             model_name: model.name().to_string(),
             kernels: model.kernels.name(),
+            kernels_available: crate::kernels::available()
+                .iter()
+                .map(|k| k.name())
+                .collect(),
             started: Instant::now(),
             worker_alive: AtomicBool::new(true),
             metrics: Arc::new(Metrics::default()),
@@ -289,10 +295,7 @@ impl Scheduler {
             status: if alive { "ok" } else { "failed" },
             model: self.shared.model_name.clone(),
             kernels: self.shared.kernels,
-            kernels_available: crate::kernels::available()
-                .iter()
-                .map(|k| k.name())
-                .collect(),
+            kernels_available: self.shared.kernels_available.clone(),
             uptime_s: self.shared.started.elapsed().as_secs_f64(),
             queue_depth,
             queue_capacity: self.shared.capacity,

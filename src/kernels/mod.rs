@@ -159,12 +159,15 @@ struct Line([u8; 64]);
 pub struct PackBuf(Vec<Line>);
 
 impl PackBuf {
-    /// `count` zeroed values of `T` at the start of the buffer.
+    /// `count` values of `T` at the start of the buffer, holding whatever
+    /// the last product left there: packers write every field they read,
+    /// so the buffer only grows and is never cleared on the hot path.
     pub fn take<T: bytemuck::Pod>(&mut self, count: usize) -> &mut [T] {
         let bytes = count * std::mem::size_of::<T>();
         let lines = bytes.div_ceil(64);
-        self.0.clear();
-        self.0.resize(lines, Line([0; 64]));
+        if self.0.len() < lines {
+            self.0.resize(lines, Line([0; 64]));
+        }
         let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.0);
         bytemuck::cast_slice_mut(&mut all[..bytes])
     }
