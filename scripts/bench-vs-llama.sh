@@ -38,8 +38,13 @@
 # Environment (defaults in brackets):
 #   WORK                  work directory [.work/llama]
 #   LLAMA_CPP_PY_VERSION  llama-cpp-python sdist to take llama.cpp from [0.3.36]
-#   LLAMA_MODEL           llama.cpp GGUF [$WORK/llama-7b-q4_0.gguf]; made if missing
-#   CRYSTAL_MODEL         crystald q4_0 GGUF [.work/bench/synth-7b-q4_0.gguf];
+#   QUANT                 q4_0 or q4_k_m [q4_0]: the format compared. q4_k_m:
+#                         llama.cpp's file is made by its own llama-quantize
+#                         (--allow-requantize, from an all-Q8_0 file written by
+#                         llama_gguf.py) with the MLP at 11008 as crystald's
+#                         k-quant presets store it; crystald's with --type q4_k_m
+#   LLAMA_MODEL           llama.cpp GGUF [$WORK/llama-7b-$QUANT.gguf]; made if missing
+#   CRYSTAL_MODEL         crystald GGUF [.work/bench/synth-7b-$QUANT.gguf];
 #                         made if missing, e.g. CRYSTAL_MODEL=/path/synth-7b-q4_0.gguf
 #                         to reuse an existing one
 #   THREADS               thread counts ["2 1"]
@@ -63,8 +68,10 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-.work/llama}
 LLAMA_CPP_PY_VERSION=${LLAMA_CPP_PY_VERSION:-0.3.36}
 LLAMA_ISA=${LLAMA_ISA:-avx512}
-LLAMA_MODEL=${LLAMA_MODEL:-$WORK/llama-7b-q4_0.gguf}
-CRYSTAL_MODEL=${CRYSTAL_MODEL:-.work/bench/synth-7b-q4_0.gguf}
+QUANT=${QUANT:-q4_0}
+case $QUANT in q4_0 | q4_k_m) ;; *) echo "bench-vs-llama: QUANT must be q4_0 or q4_k_m" >&2; exit 1 ;; esac
+LLAMA_MODEL=${LLAMA_MODEL:-$WORK/llama-7b-$QUANT.gguf}
+CRYSTAL_MODEL=${CRYSTAL_MODEL:-.work/bench/synth-7b-$QUANT.gguf}
 THREADS=${THREADS:-"2 1"}
 KERNELS=${KERNELS:-"auto avx2"}
 REPS=${REPS:-3}
@@ -239,6 +246,7 @@ avx2) isa_flags=(-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF
 esac
 build=$WORK/build-$LLAMA_CPP_PY_VERSION-$LLAMA_ISA
 llama_bench=$build/bin/llama-bench
+llama_quantize=$build/bin/llama-quantize
 cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CCACHE=OFF
     -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON
     -DGGML_AVX_VNNI=OFF "${isa_flags[@]}"
@@ -247,11 +255,11 @@ cmake_flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CCACHE=OF
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON)
 stamp=$build/bench-vs-llama.flags
-if [ ! -x "$llama_bench" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${cmake_flags[*]}" ]; then
-    say "building llama-bench (CPU, AVX2/FMA/F16C, Release, -j$JOBS, nice); tens of minutes on 2 cores"
+if [ ! -x "$llama_bench" ] || [ ! -x "$llama_quantize" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${cmake_flags[*]}" ]; then
+    say "building llama-bench and llama-quantize (CPU, $LLAMA_ISA, Release, -j$JOBS, nice); tens of minutes on 2 cores"
     nice -n 19 cmake -S "$src" -B "$build" "${cmake_flags[@]}" >"$WORK/cmake-configure.log" 2>&1 ||
         die "cmake configure failed, see $WORK/cmake-configure.log"
-    nice -n 19 cmake --build "$build" --target llama-bench -j "$JOBS" >"$WORK/cmake-build.log" 2>&1 ||
+    nice -n 19 cmake --build "$build" --target llama-bench llama-quantize -j "$JOBS" >"$WORK/cmake-build.log" 2>&1 ||
         die "llama-bench build failed, see $WORK/cmake-build.log"
     echo "${cmake_flags[*]}" >"$stamp"
 fi
@@ -259,9 +267,20 @@ fi
     die "this llama-bench has no --repack option; cannot measure the no-repack mode"
 
 # ---------------------------------------------------------------- 3. llama GGUF
-if [ ! -f "$LLAMA_MODEL" ]; then
+if [ ! -f "$LLAMA_MODEL" ] && [ "$QUANT" = q4_0 ]; then
     say "writing $LLAMA_MODEL (random Q4_0 weights, CrystalChat-7B dimensions)"
     nice -n 10 "$PY" scripts/llama_gguf.py --tokenizer "$TOKENIZER" -o "$LLAMA_MODEL"
+elif [ ! -f "$LLAMA_MODEL" ]; then
+    q8=$WORK/llama-7b-q8_0-ff11008.gguf
+    if [ ! -f "$q8" ]; then
+        say "writing $q8 (random Q8_0 weights, CrystalChat-7B dimensions, MLP 11008)"
+        nice -n 10 "$PY" scripts/llama_gguf.py --tokenizer "$TOKENIZER" --matrix-type q8_0 \
+            --emb-type q8_0 --out-type q8_0 --n-ff 11008 -o "$q8"
+    fi
+    say "llama-quantize: $q8 -> $LLAMA_MODEL (Q4_K_M)"
+    nice -n 10 "$llama_quantize" --allow-requantize "$q8" "$LLAMA_MODEL.tmp" Q4_K_M "$JOBS" >"$WORK/llama-quantize.log" 2>&1 ||
+        die "llama-quantize failed, see $WORK/llama-quantize.log"
+    mv "$LLAMA_MODEL.tmp" "$LLAMA_MODEL"
 fi
 
 # ---------------------------------------------------------------- 4. crystald
@@ -273,9 +292,9 @@ if [ ! -f "$CRYSTAL_MODEL" ]; then
         say "making a synthetic 7B fp32 checkpoint in $ckpt (27 GB)"
         "$bin/crystal-quantize" synth --shape 7b --format bin-f32 --shards 4 --tokenizer "$TOKENIZER" -o "$ckpt"
     fi
-    say "quantizing to $CRYSTAL_MODEL (q4_0)"
+    say "quantizing to $CRYSTAL_MODEL ($QUANT)"
     mkdir -p "$(dirname "$CRYSTAL_MODEL")"
-    "$bin/crystal-quantize" "$ckpt" -o "$CRYSTAL_MODEL" --type q4_0
+    "$bin/crystal-quantize" "$ckpt" -o "$CRYSTAL_MODEL" --type "$QUANT"
 fi
 
 # ---------------------------------------------------------------- 5. measure

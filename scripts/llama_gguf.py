@@ -3,7 +3,8 @@
 for benchmarking llama.cpp beside crystald (scripts/bench-vs-llama.sh).
 
     python scripts/llama_gguf.py --tokenizer ../shared/crystalchat/tokenizer.json \
-        -o .work/llama/llama-7b-q4_0.gguf [--emb-type q4_0|q8_0] [--out-type q4_0|q8_0]
+        -o .work/llama/llama-7b-q4_0.gguf [--emb-type q4_0|q8_0] [--out-type q4_0|q8_0] \
+        [--matrix-type q4_0|q8_0|f32] [--n-ff 10944] [--small]
 
 Dimensions: n_embd 4096, 32 layers, 32 heads (no GQA), n_ff 10944 (CrystalCoder's
 n_inner padded to a multiple of 32, as crystald does), vocab 32032, context 2048.
@@ -11,6 +12,14 @@ Every matrix is Q4_0 by default, token_embd and output included: that matches th
 3.52 GiB file of the spec's llama.cpp measurements (llama-quantize's own Q4_0 mix
 would put output.weight in Q6_K; crystald's q4_0 preset keeps its single tied
 embedding in Q8_0). Norm weights are f32 ones.
+
+For the k-quant comparison (bench-vs-llama.sh with QUANT=q4_k_m) the script
+writes every matrix in Q8_0 with --n-ff 11008 (CrystalCoder's n_inner padded to
+whole 256-value super-blocks, as crystald's k-quant presets store it), which
+llama.cpp's llama-quantize --allow-requantize turns into its own Q4_K_M mix.
+
+--small with f32 types makes the input of scripts/compare-llama-quantize.sh:
+n_embd 512, 2 layers, MLP 1536, every matrix f32 from a normal distribution.
 
 Q4_0 blocks are random bytes with a small random f16 scale (0.002-0.006), so
 activations stay finite; the values are meaningless, the shapes and types are
@@ -35,7 +44,7 @@ except ImportError:  # pragma: no cover
 N_EMBD, N_LAYER, N_HEAD, N_FF, N_VOCAB, N_CTX = 4096, 32, 32, 10944, 32032, 2048
 
 QT = gguf.GGMLQuantizationType
-TYPES = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+TYPES = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0, "f32": QT.F32}
 # bytes per block of 32 weights, offset of the f16 scale is 0 in both
 BLOCK_BYTES = {QT.Q4_0: 18, QT.Q8_0: 34}
 
@@ -87,8 +96,15 @@ def main():
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--emb-type", default="q4_0", choices=TYPES)
     p.add_argument("--out-type", default="q4_0", choices=TYPES)
+    p.add_argument("--matrix-type", default="q4_0", choices=TYPES, help="type of the layers' matrices")
+    p.add_argument("--n-ff", type=int, default=N_FF, help="MLP width (a multiple of 32)")
+    p.add_argument("--small", action="store_true", help="n_embd 512, 2 layers, MLP 1536")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args()
+    mt, n_ff = TYPES[a.matrix_type], a.n_ff
+    global N_EMBD, N_LAYER, N_HEAD
+    if a.small:
+        N_EMBD, N_LAYER, N_HEAD, n_ff = 512, 2, 8, 1536
 
     # (name, numpy shape rows x cols, type); None type = f32 vector of ones
     plan = [("token_embd.weight", (N_VOCAB, N_EMBD), TYPES[a.emb_type])]
@@ -96,14 +112,14 @@ def main():
         b = f"blk.{l}."
         plan += [
             (b + "attn_norm.weight", (N_EMBD,), None),
-            (b + "attn_q.weight", (N_EMBD, N_EMBD), QT.Q4_0),
-            (b + "attn_k.weight", (N_EMBD, N_EMBD), QT.Q4_0),
-            (b + "attn_v.weight", (N_EMBD, N_EMBD), QT.Q4_0),
-            (b + "attn_output.weight", (N_EMBD, N_EMBD), QT.Q4_0),
+            (b + "attn_q.weight", (N_EMBD, N_EMBD), mt),
+            (b + "attn_k.weight", (N_EMBD, N_EMBD), mt),
+            (b + "attn_v.weight", (N_EMBD, N_EMBD), mt),
+            (b + "attn_output.weight", (N_EMBD, N_EMBD), mt),
             (b + "ffn_norm.weight", (N_EMBD,), None),
-            (b + "ffn_gate.weight", (N_FF, N_EMBD), QT.Q4_0),
-            (b + "ffn_up.weight", (N_FF, N_EMBD), QT.Q4_0),
-            (b + "ffn_down.weight", (N_EMBD, N_FF), QT.Q4_0),
+            (b + "ffn_gate.weight", (n_ff, N_EMBD), mt),
+            (b + "ffn_up.weight", (n_ff, N_EMBD), mt),
+            (b + "ffn_down.weight", (N_EMBD, n_ff), mt),
         ]
     plan += [
         ("output_norm.weight", (N_EMBD,), None),
@@ -116,13 +132,13 @@ def main():
     w.add_context_length(N_CTX)
     w.add_embedding_length(N_EMBD)
     w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
+    w.add_feed_forward_length(n_ff)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD)
     w.add_rope_dimension_count(N_EMBD // N_HEAD)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(N_VOCAB)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type({QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}.get(mt, gguf.LlamaFileType.ALL_F32))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, scores, types = vocab(a.tokenizer)
     w.add_tokenizer_model("llama")
@@ -140,6 +156,9 @@ def main():
             w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
         else:
             rows, cols = shape
+            if qt == QT.F32:
+                w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * rows * cols)
+                continue
             nbytes = rows * cols // 32 * BLOCK_BYTES[qt]
             w.add_tensor_info(name, (rows, cols // 32 * BLOCK_BYTES[qt]), np.dtype(np.uint8), nbytes, raw_dtype=qt)
 
@@ -150,6 +169,8 @@ def main():
     for k, (name, shape, qt) in enumerate(plan):
         if qt is None:
             w.write_tensor_data(np.ones(shape, dtype=np.float32))
+        elif qt == QT.F32:
+            w.write_tensor_data(rng.normal(0.0, 0.02, size=shape).astype(np.float32))
         else:
             w.write_tensor_data(random_blocks(rng, shape[0], shape[1], qt))
         if k % 45 == 0:

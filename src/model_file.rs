@@ -8,9 +8,11 @@
 //! blocks run along the dot products. HF's GPT-2 `Conv1D` weights are
 //! `[in, out]`, so the quantizer transposes them.
 //!
-//! Padding: block formats need rows that are a multiple of 32 values, and the
-//! MLP width `n_inner` (10922 for the 7B model) is not. The file therefore
-//! stores the MLP at width `n_ff = round_up(n_inner, 32)` (10944): `ffn_up`,
+//! Padding: block formats need rows that are a multiple of 32 values (256
+//! for the k-quants), and the MLP width `n_inner` (10922 for the 7B model)
+//! is not. The file therefore stores the MLP at width
+//! `n_ff = round_up(n_inner, 32)` (10944), or `round_up(n_inner, 256)`
+//! (11008, 0.8 % more MLP bytes) when a k-quant MLP matrix needs it: `ffn_up`,
 //! `ffn_gate` and their biases get zero rows/entries past `n_inner`, so the
 //! extra activations are `0 * silu(0) = 0`, and `ffn_down` gets zero columns
 //! past `n_inner`. The result is exactly the unpadded function. The engine
@@ -19,7 +21,7 @@
 //! f32 included, is padded the same way so the engine has one shape.
 
 use crate::gguf::{Header, Value};
-use crate::quant::QK;
+use crate::quant::{QK, QK_K};
 
 pub const ARCH: &str = "crystalcoder";
 
@@ -95,8 +97,10 @@ impl Hparams {
         (self.mup_output_alpha as f64 * self.mup_width_scale as f64) as f32
     }
 
-    pub fn padded_ff(n_inner: usize) -> usize {
-        n_inner.div_ceil(QK) * QK
+    /// The stored MLP width: `n_inner` rounded up to whole blocks of the
+    /// widest block the file's MLP matrices use (32, or 256 for k-quants).
+    pub fn padded_ff(n_inner: usize, block: usize) -> usize {
+        n_inner.div_ceil(block) * block
     }
 
     /// Checks the relations the forward pass relies on.
@@ -130,9 +134,11 @@ impl Hparams {
                 self.head_dim()
             ));
         }
-        if self.n_ff != Self::padded_ff(self.n_inner) {
+        if self.n_ff != Self::padded_ff(self.n_inner, QK)
+            && self.n_ff != Self::padded_ff(self.n_inner, QK_K)
+        {
             return Err(format!(
-                "feed_forward_length {} is not n_inner {} rounded up to {QK}",
+                "feed_forward_length {} is not n_inner {} rounded up to {QK} or {QK_K}",
                 self.n_ff, self.n_inner
             ));
         }
@@ -285,20 +291,108 @@ pub enum Kind {
     Vector,
 }
 
+/// One tensor of a transformer block. The file names, the checkpoint names,
+/// the shapes, the loader and the quantization presets all key on this one
+/// table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerTensor {
+    AttnNormW,
+    AttnNormB,
+    QkvW,
+    QkvB,
+    AttnOutW,
+    AttnOutB,
+    FfnNormW,
+    FfnNormB,
+    UpW,
+    UpB,
+    GateW,
+    GateB,
+    DownW,
+    DownB,
+}
+
+impl LayerTensor {
+    /// File order within a block.
+    pub const ALL: [LayerTensor; 14] = [
+        Self::AttnNormW,
+        Self::AttnNormB,
+        Self::QkvW,
+        Self::QkvB,
+        Self::AttnOutW,
+        Self::AttnOutB,
+        Self::FfnNormW,
+        Self::FfnNormB,
+        Self::UpW,
+        Self::UpB,
+        Self::GateW,
+        Self::GateB,
+        Self::DownW,
+        Self::DownB,
+    ];
+
+    /// The name after `blk.N.` in the file and after `transformer.h.N.` in
+    /// the checkpoint.
+    pub fn names(self) -> (&'static str, &'static str) {
+        use LayerTensor::*;
+        match self {
+            AttnNormW => ("attn_norm.weight", "ln_1.weight"),
+            AttnNormB => ("attn_norm.bias", "ln_1.bias"),
+            QkvW => ("attn_qkv.weight", "attn.c_attn.weight"),
+            QkvB => ("attn_qkv.bias", "attn.c_attn.bias"),
+            AttnOutW => ("attn_output.weight", "attn.c_proj.weight"),
+            AttnOutB => ("attn_output.bias", "attn.c_proj.bias"),
+            FfnNormW => ("ffn_norm.weight", "ln_2.weight"),
+            FfnNormB => ("ffn_norm.bias", "ln_2.bias"),
+            UpW => ("ffn_up.weight", "mlp.c_fc.weight"),
+            UpB => ("ffn_up.bias", "mlp.c_fc.bias"),
+            GateW => ("ffn_gate.weight", "mlp.c_fc2.weight"),
+            GateB => ("ffn_gate.bias", "mlp.c_fc2.bias"),
+            DownW => ("ffn_down.weight", "mlp.c_proj.weight"),
+            DownB => ("ffn_down.bias", "mlp.c_proj.bias"),
+        }
+    }
+
+    pub fn kind(self) -> Kind {
+        use LayerTensor::*;
+        match self {
+            QkvW | AttnOutW | UpW | GateW | DownW => Kind::Linear,
+            _ => Kind::Vector,
+        }
+    }
+
+    /// `(file dims innermost first, checkpoint shape)` for embedding width
+    /// `d`, stored MLP width `ff` and checkpoint MLP width `ffo`.
+    fn shapes(self, d: u64, ff: u64, ffo: u64) -> (Vec<u64>, Vec<u64>) {
+        use LayerTensor::*;
+        match self {
+            AttnNormW | AttnNormB | AttnOutB | FfnNormW | FfnNormB | DownB => (vec![d], vec![d]),
+            QkvW => (vec![d, 3 * d], vec![d, 3 * d]),
+            QkvB => (vec![3 * d], vec![3 * d]),
+            AttnOutW => (vec![d, d], vec![d, d]),
+            UpW | GateW => (vec![d, ff], vec![d, ffo]),
+            UpB | GateB => (vec![ff], vec![ffo]),
+            DownW => (vec![ff, d], vec![ffo, d]),
+        }
+    }
+}
+
 /// One tensor of the model file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorDesc {
     pub name: String,
     pub hf_name: String,
     pub kind: Kind,
+    /// The block and role of a per-layer tensor.
+    pub layer: Option<(usize, LayerTensor)>,
     /// Shape in the file, innermost first (`[cols, rows]` for a matrix), padded.
     pub dims: Vec<u64>,
     /// Shape in the checkpoint, outermost first, unpadded.
     pub hf_shape: Vec<u64>,
 }
 
-pub fn layer_tensor_name(layer: usize, suffix: &str) -> String {
-    format!("blk.{layer}.{suffix}")
+pub fn layer_tensor_name(layer: usize, t: LayerTensor) -> String {
+    format!("blk.{layer}.{}", t.names().0)
 }
 
 pub const TOKEN_EMBD: &str = "token_embd.weight";
@@ -313,141 +407,49 @@ pub fn tensor_descs(hp: &Hparams) -> Vec<TensorDesc> {
         hp.n_inner as u64,
         hp.vocab_size as u64,
     );
-    let mut out = Vec::new();
-    let mut push =
-        |name: String, hf_name: String, kind: Kind, dims: Vec<u64>, hf_shape: Vec<u64>| {
-            out.push(TensorDesc {
-                name,
-                hf_name,
-                kind,
-                dims,
-                hf_shape,
-            })
+    let global =
+        |name: &str, hf_name: &str, kind: Kind, dims: Vec<u64>, hf_shape: Vec<u64>| TensorDesc {
+            name: name.into(),
+            hf_name: hf_name.into(),
+            kind,
+            layer: None,
+            dims,
+            hf_shape,
         };
-    push(
-        TOKEN_EMBD.into(),
-        "transformer.wte.weight".into(),
+    let mut out = vec![global(
+        TOKEN_EMBD,
+        "transformer.wte.weight",
         Kind::Embedding,
         vec![d, v],
         vec![v, d],
-    );
+    )];
     for l in 0..hp.n_layer {
-        let hf = |s: &str| format!("transformer.h.{l}.{s}");
-        let gg = |s: &str| layer_tensor_name(l, s);
-        use Kind::*;
-        push(
-            gg("attn_norm.weight"),
-            hf("ln_1.weight"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
-        push(
-            gg("attn_norm.bias"),
-            hf("ln_1.bias"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
-        push(
-            gg("attn_qkv.weight"),
-            hf("attn.c_attn.weight"),
-            Linear,
-            vec![d, 3 * d],
-            vec![d, 3 * d],
-        );
-        push(
-            gg("attn_qkv.bias"),
-            hf("attn.c_attn.bias"),
-            Vector,
-            vec![3 * d],
-            vec![3 * d],
-        );
-        push(
-            gg("attn_output.weight"),
-            hf("attn.c_proj.weight"),
-            Linear,
-            vec![d, d],
-            vec![d, d],
-        );
-        push(
-            gg("attn_output.bias"),
-            hf("attn.c_proj.bias"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
-        push(
-            gg("ffn_norm.weight"),
-            hf("ln_2.weight"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
-        push(
-            gg("ffn_norm.bias"),
-            hf("ln_2.bias"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
-        push(
-            gg("ffn_up.weight"),
-            hf("mlp.c_fc.weight"),
-            Linear,
-            vec![d, ff],
-            vec![d, ffo],
-        );
-        push(
-            gg("ffn_up.bias"),
-            hf("mlp.c_fc.bias"),
-            Vector,
-            vec![ff],
-            vec![ffo],
-        );
-        push(
-            gg("ffn_gate.weight"),
-            hf("mlp.c_fc2.weight"),
-            Linear,
-            vec![d, ff],
-            vec![d, ffo],
-        );
-        push(
-            gg("ffn_gate.bias"),
-            hf("mlp.c_fc2.bias"),
-            Vector,
-            vec![ff],
-            vec![ffo],
-        );
-        push(
-            gg("ffn_down.weight"),
-            hf("mlp.c_proj.weight"),
-            Linear,
-            vec![ff, d],
-            vec![ffo, d],
-        );
-        push(
-            gg("ffn_down.bias"),
-            hf("mlp.c_proj.bias"),
-            Vector,
-            vec![d],
-            vec![d],
-        );
+        for t in LayerTensor::ALL {
+            let (dims, hf_shape) = t.shapes(d, ff, ffo);
+            out.push(TensorDesc {
+                name: layer_tensor_name(l, t),
+                hf_name: format!("transformer.h.{l}.{}", t.names().1),
+                kind: t.kind(),
+                layer: Some((l, t)),
+                dims,
+                hf_shape,
+            });
+        }
     }
-    push(
-        OUTPUT_NORM.into(),
-        "transformer.ln_f.weight".into(),
+    out.push(global(
+        OUTPUT_NORM,
+        "transformer.ln_f.weight",
         Kind::Vector,
         vec![d],
         vec![d],
-    );
-    push(
-        OUTPUT_NORM_BIAS.into(),
-        "transformer.ln_f.bias".into(),
+    ));
+    out.push(global(
+        OUTPUT_NORM_BIAS,
+        "transformer.ln_f.bias",
         Kind::Vector,
         vec![d],
         vec![d],
-    );
+    ));
     out
 }
 

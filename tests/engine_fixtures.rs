@@ -190,6 +190,70 @@ fn q4_0_quality_is_within_measured_bounds() {
     }
 }
 
+/// A k-quant preset's quality on every kernel set: bounds at about 1.5×
+/// the measured values (README, "Quantization quality").
+fn k_quant_preset_within(preset: &str, max_l2: f64, max_kl: f64) {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let m = run(fx, preset, k, KvType::F32);
+            assert!(
+                m.rel_l2 <= max_l2,
+                "{fx} {preset} {}: relative L2 error {:.3e}",
+                k.name(),
+                m.rel_l2
+            );
+            assert!(
+                m.kl <= max_kl,
+                "{fx} {preset} {}: mean KL {:.3e}",
+                k.name(),
+                m.kl
+            );
+        });
+    }
+}
+
+/// The bar for the k-quant int4 mix: bounds as above, and at most 0.8×
+/// the KL of the q4_0 preset, on both fixtures, with every kernel set.
+#[test]
+fn q4_k_m_quality_beats_q4_0_by_a_fifth() {
+    for fx in FIXTURES {
+        each_kernel_set(|k| {
+            let (km, q4) = (
+                run(fx, "q4_k_m", k, KvType::F32),
+                run(fx, "q4_0", k, KvType::F32),
+            );
+            let name = k.name();
+            assert!(
+                km.rel_l2 <= 0.45,
+                "{fx} q4_k_m {name}: relative L2 error {:.3e}",
+                km.rel_l2
+            );
+            assert!(km.kl <= 0.08, "{fx} q4_k_m {name}: mean KL {:.3e}", km.kl);
+            assert!(
+                km.kl <= 0.8 * q4.kl,
+                "{fx} {name}: q4_k_m mean KL {:.3e} is not ≤ 0.8 × q4_0's {:.3e}",
+                km.kl,
+                q4.kl
+            );
+        });
+    }
+}
+
+#[test]
+fn q4_k_s_quality_is_within_measured_bounds() {
+    k_quant_preset_within("q4_k_s", 0.45, 0.08);
+}
+
+#[test]
+fn q5_k_m_quality_is_within_measured_bounds() {
+    k_quant_preset_within("q5_k_m", 0.25, 0.025);
+}
+
+#[test]
+fn q6_k_quality_is_within_measured_bounds() {
+    k_quant_preset_within("q6_k", 0.13, 0.0075);
+}
+
 #[test]
 fn f16_kv_cache_stays_close_to_f32() {
     let k = kernels::select(None).unwrap();

@@ -68,7 +68,7 @@ fn converted_fixtures_read_back_exactly_in_rust_and_python() {
             let file = Gguf::open(&path).unwrap();
             let hp = Hparams::from_header(&file.header).unwrap();
             assert_eq!(file.header.version, 3);
-            let expected = expected_tensors(fx, &hp);
+            let mut expected = expected_tensors(fx, &hp);
             assert_eq!(
                 file.header.tensors.len(),
                 expected.len(),
@@ -76,7 +76,9 @@ fn converted_fixtures_read_back_exactly_in_rust_and_python() {
             );
 
             // The project's reader: f32/f16 exact, quantized rows close.
-            for (name, _shape, values) in &expected {
+            // A k-quant's expected values become our dequantization of it,
+            // which the reference package must reproduce bit for bit.
+            for (name, _shape, values) in &mut expected {
                 let t = file
                     .header
                     .tensor(name)
@@ -100,13 +102,21 @@ fn converted_fixtures_read_back_exactly_in_rust_and_python() {
                             .collect();
                         assert_eq!(back, want, "{fx} {preset}: {name}");
                     }
-                    _ => {
+                    ty => {
                         let err = rel_l2(&back, values);
-                        let bound = if t.ty == GgmlType::Q4_0 { 0.2 } else { 0.01 };
+                        let bound = match ty {
+                            GgmlType::Q4_0 | GgmlType::Q4_K => 0.2,
+                            GgmlType::Q5_K => 0.1,
+                            GgmlType::Q6_K => 0.05,
+                            _ => 0.01,
+                        };
                         assert!(
                             err < bound,
-                            "{fx} {preset}: {name} dequantizes with relative error {err}"
+                            "{fx} {preset}: {name} ({ty}) dequantizes with relative error {err}"
                         );
+                        if ty.is_k_quant() {
+                            *values = back;
+                        }
                     }
                 }
             }
@@ -139,6 +149,15 @@ fn converted_fixtures_read_back_exactly_in_rust_and_python() {
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            // It checked every storage type the file holds.
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            for t in &file.header.tensors {
+                let name = format!("'{}'", t.ty.name().to_uppercase());
+                assert!(
+                    stdout.contains(&name),
+                    "{fx} {preset}: python saw no {name}: {stdout}"
+                );
+            }
         }
     }
 }
@@ -228,6 +247,10 @@ fn corrupted_headers_are_rejected_with_clear_errors() {
     let type_at = dims_at + 8 * first.dims.len();
     let e = patch(type_at, &99u32.to_le_bytes());
     assert!(e.contains(&first.name) && e.contains("type id 99"), "{e}");
+    assert!(
+        e.contains("12 = q4_K") && e.contains("14 = q6_K"),
+        "lists what is supported: {e}"
+    );
     let e = patch(type_at + 4, &(1u64 << 50).to_le_bytes());
     assert!(e.contains(&first.name) && e.contains("past the end"), "{e}");
     let e = patch(type_at + 4, &8u64.to_le_bytes());
@@ -236,6 +259,35 @@ fn corrupted_headers_are_rejected_with_clear_errors() {
     assert!(e.contains(&first.name), "{e}");
     let e = patch(dims_at, &33u64.to_le_bytes());
     assert!(e.contains(&first.name), "{e}");
+}
+
+/// A k-quant row must hold whole 256-value super-blocks: a q4_K tensor
+/// whose rows are 736 values (whole 32-blocks, 2.875 super-blocks) is an
+/// error naming the tensor, the type and the block size.
+#[test]
+fn k_quant_rows_that_do_not_fill_super_blocks_are_rejected() {
+    let path = converted("tiny-a", "q4_k_m");
+    let good = std::fs::read(&path).unwrap();
+    let name = "blk.0.ffn_down.weight";
+    let hdr = Gguf::open(&path).unwrap().header;
+    let t = hdr.tensor(name).unwrap();
+    assert_eq!((t.ty, t.dims[0]), (GgmlType::Q4_K, 768));
+    let at = good
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .unwrap()
+        + name.len()
+        + 4;
+    let mut bad = good.clone();
+    bad[at..at + 8].copy_from_slice(&736u64.to_le_bytes());
+    let dir = temp_dir();
+    let p = dir.path().join("bad.gguf");
+    std::fs::write(&p, bad).unwrap();
+    let e = load_err(&p);
+    assert!(
+        e.contains(name) && e.contains("row length 736") && e.contains("q4_K block size 256"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -11,7 +11,10 @@
 //! `cargo test --release --test kernels -- --ignored --nocapture --test-threads 1`.
 
 use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, PackBuf, Weight};
-use crystald::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use crystald::quant::k_search::scale_min_k4;
+use crystald::quant::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType, QK, QK_K,
+};
 use half::f16;
 use std::ops::Range;
 
@@ -65,6 +68,76 @@ impl Rng {
             .map(|_| BlockQ8_0 {
                 d: self.scale(),
                 qs: std::array::from_fn(|_| (self.below(255) as i32 - 127) as i8),
+            })
+            .collect()
+    }
+}
+
+impl Rng {
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        std::array::from_fn(|_| self.next_u64() as u8)
+    }
+
+    fn q4_k_blocks(&mut self, n: usize) -> Vec<BlockQ4K> {
+        (0..n)
+            .map(|_| BlockQ4K {
+                d: self.scale(),
+                dmin: self.scale(),
+                scales: self.bytes(),
+                qs: self.bytes(),
+            })
+            .collect()
+    }
+
+    fn q5_k_blocks(&mut self, n: usize) -> Vec<BlockQ5K> {
+        (0..n)
+            .map(|_| BlockQ5K {
+                d: self.scale(),
+                dmin: self.scale(),
+                scales: self.bytes(),
+                qh: self.bytes(),
+                qs: self.bytes(),
+            })
+            .collect()
+    }
+
+    /// Every scale byte (−128 included) and level.
+    fn q6_k_blocks(&mut self, n: usize) -> Vec<BlockQ6K> {
+        (0..n)
+            .map(|_| BlockQ6K {
+                ql: self.bytes(),
+                qh: self.bytes(),
+                scales: bytemuck::cast(self.bytes::<16>()),
+                d: self.scale(),
+            })
+            .collect()
+    }
+
+    /// Q8_K blocks in −127..=127 with consistent sums, as `quantize_q8_k`
+    /// makes them; `extreme` fills them with ±127 only.
+    fn q8_k_blocks(&mut self, n: usize, extreme: bool) -> Vec<BlockQ8K> {
+        (0..n)
+            .map(|_| {
+                let qs: [i8; QK_K] = std::array::from_fn(|_| {
+                    if extreme {
+                        if self.below(2) == 0 {
+                            127
+                        } else {
+                            -127
+                        }
+                    } else {
+                        (self.below(255) as i32 - 127) as i8
+                    }
+                });
+                let mut bsums = [0i16; QK_K / 16];
+                for (s, q) in bsums.iter_mut().zip(qs.chunks_exact(16)) {
+                    *s = q.iter().map(|&v| v as i16).sum();
+                }
+                BlockQ8K {
+                    d: 0.001 + 0.05 * self.unit().abs(),
+                    qs,
+                    bsums,
+                }
             })
             .collect()
     }
@@ -177,6 +250,168 @@ fn q8_block_mag(w: &BlockQ8_0, x: &BlockQ8_0) -> f32 {
     s as f32 * (w.scale() * x.scale())
 }
 const FLOAT_REL: f32 = 1e-5;
+
+/// Q4_K/Q5_K: the magnitudes of the two terms each super-block's float
+/// arithmetic combines, d·Σ sc·|q·x| and dmin·Σ m·|Σx|.
+fn scale_min_k_mag(
+    d: f32,
+    dmin: f32,
+    scales: &[u8; 12],
+    level: impl Fn(usize) -> u8,
+    x: &BlockQ8K,
+) -> f32 {
+    let mut s = 0.0f32;
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let dot: i32 = (32 * j..32 * j + 32)
+            .map(|i| (level(i) as i32 * x.qs[i] as i32).abs())
+            .sum();
+        let sum = (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32).abs();
+        s += d * (sc as i32 * dot) as f32 + dmin * (m as i32 * sum) as f32;
+    }
+    s * x.d
+}
+
+fn q6_k_mag(w: &BlockQ6K, x: &BlockQ8K) -> f32 {
+    let s: i32 = (0..QK_K)
+        .map(|i| (w.scales[i / 16] as i32 * w.level(i) as i32 * x.qs[i] as i32).abs())
+        .sum();
+    s as f32 * w.d() * x.d
+}
+
+/// A k-quant product on every set against the reference, over widths of
+/// 1, 2, 3, 16 and 43 super-blocks (the 7B MLP padded to 11008) and every
+/// token count the tiles split differently.
+fn check_k_quant<B: bytemuck::Pod>(
+    ty: GgmlType,
+    seed: u64,
+    extreme: bool,
+    blocks: impl Fn(&mut Rng, usize) -> Vec<B>,
+    block_mag: impl Fn(&B, &BlockQ8K) -> f32,
+) {
+    let mut rng = Rng(seed);
+    for (cols, total, rows, n) in matmul_cases(&[256, 512, 768, 4096, 11008]) {
+        let nb = cols / QK_K;
+        let wb = blocks(&mut rng, total * nb);
+        let xb = rng.q8_k_blocks(n * nb, extreme);
+        let w = Weight {
+            ty,
+            rows: total,
+            cols,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let mag = |r: usize, t: usize| -> f32 {
+            (0..nb)
+                .map(|b| block_mag(&wb[r * nb + b], &xb[t * nb + b]))
+                .sum()
+        };
+        check_matmul(ty.name(), &w, &Acts::Q8K(&xb), rows, QUANT_REL, mag);
+    }
+}
+
+#[test]
+fn matmul_q4_k_matches_reference() {
+    let mag =
+        |w: &BlockQ4K, x: &BlockQ8K| scale_min_k_mag(w.d(), w.dmin(), &w.scales, |i| w.level(i), x);
+    check_k_quant(GgmlType::Q4_K, 21, false, |r, n| r.q4_k_blocks(n), mag);
+    check_k_quant(GgmlType::Q4_K, 22, true, |r, n| r.q4_k_blocks(n), mag);
+}
+
+#[test]
+fn matmul_q5_k_matches_reference() {
+    let mag =
+        |w: &BlockQ5K, x: &BlockQ8K| scale_min_k_mag(w.d(), w.dmin(), &w.scales, |i| w.level(i), x);
+    check_k_quant(GgmlType::Q5_K, 23, false, |r, n| r.q5_k_blocks(n), mag);
+    check_k_quant(GgmlType::Q5_K, 24, true, |r, n| r.q5_k_blocks(n), mag);
+}
+
+#[test]
+fn matmul_q6_k_matches_reference() {
+    check_k_quant(GgmlType::Q6_K, 25, false, |r, n| r.q6_k_blocks(n), q6_k_mag);
+    check_k_quant(GgmlType::Q6_K, 26, true, |r, n| r.q6_k_blocks(n), q6_k_mag);
+}
+
+/// All levels at their extremes (every nibble and high bit set, scales at
+/// 63 or ±127/−128) against ±127 activations: the largest 16- and 32-bit
+/// partial sums the integer paths can meet.
+#[test]
+fn matmul_k_quants_at_saturating_extremes_match_reference() {
+    let mut rng = Rng(27);
+    let nb = 16;
+    let x = rng.q8_k_blocks(3 * nb, true);
+    let q4 = vec![
+        BlockQ4K {
+            d: rng.scale(),
+            dmin: rng.scale(),
+            scales: [0xFF; 12],
+            qs: [0xFF; 128]
+        };
+        5 * nb
+    ];
+    let q5 = vec![
+        BlockQ5K {
+            d: rng.scale(),
+            dmin: rng.scale(),
+            scales: [0xFF; 12],
+            qh: [0xFF; 32],
+            qs: [0xFF; 128]
+        };
+        5 * nb
+    ];
+    let q6 = [-128i8, 127].map(|sc| {
+        vec![
+            BlockQ6K {
+                ql: [0xFF; 128],
+                qh: [0xFF; 64],
+                scales: [sc; 16],
+                d: rng.scale()
+            };
+            5 * nb
+        ]
+    });
+    let check = |ty: GgmlType, data: &[u8], mag: &dyn Fn(usize, usize) -> f32| {
+        let w = Weight {
+            ty,
+            rows: 5,
+            cols: nb * QK_K,
+            data,
+        };
+        check_matmul(ty.name(), &w, &Acts::Q8K(&x), 0..5, QUANT_REL, mag);
+    };
+    check(GgmlType::Q4_K, bytemuck::cast_slice(&q4), &|r, t| {
+        (0..nb)
+            .map(|b| {
+                scale_min_k_mag(
+                    q4[r * nb + b].d(),
+                    q4[r * nb + b].dmin(),
+                    &q4[r * nb + b].scales,
+                    |i| q4[r * nb + b].level(i),
+                    &x[t * nb + b],
+                )
+            })
+            .sum()
+    });
+    check(GgmlType::Q5_K, bytemuck::cast_slice(&q5), &|r, t| {
+        (0..nb)
+            .map(|b| {
+                scale_min_k_mag(
+                    q5[r * nb + b].d(),
+                    q5[r * nb + b].dmin(),
+                    &q5[r * nb + b].scales,
+                    |i| q5[r * nb + b].level(i),
+                    &x[t * nb + b],
+                )
+            })
+            .sum()
+    });
+    for q6 in &q6 {
+        check(GgmlType::Q6_K, bytemuck::cast_slice(q6), &|r, t| {
+            (0..nb)
+                .map(|b| q6_k_mag(&q6[r * nb + b], &x[t * nb + b]))
+                .sum()
+        });
+    }
+}
 
 #[test]
 fn matmul_q4_0_matches_reference() {
@@ -742,35 +977,93 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Decode: 7B-shape Q4_0 matrices (25 MB) times one token, one thread.
-/// "hot": one matrix (cache-resident on large-L3 servers); "DRAM": 32
-/// copies cycled (800 MB), so weights come from memory as in real decoding.
-#[test]
-#[ignore]
-fn bench_q4_0_decode() {
-    // The MLP down projection's shape, then up/gate's (rows of 4096).
-    for (rows, cols) in [(4096, 10944), (10944, 4096)] {
-        bench_q4_0_decode_shape(rows, cols);
+/// Random weights of `ty` (`rows` × `cols`) and `n` tokens of the
+/// activations it multiplies with, for the benchmarks.
+fn bench_data(
+    rng: &mut Rng,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    n: usize,
+) -> (Vec<u8>, BenchActs) {
+    let nb = cols / ty.block_size();
+    let cast = |v: &[u8]| v.to_vec();
+    match ty {
+        GgmlType::Q4_0 => (
+            cast(bytemuck::cast_slice(&rng.q4_blocks(rows * nb))),
+            BenchActs::Q8_0(rng.q8_blocks(n * nb)),
+        ),
+        GgmlType::Q4_K => (
+            cast(bytemuck::cast_slice(&rng.q4_k_blocks(rows * nb))),
+            BenchActs::Q8K(rng.q8_k_blocks(n * nb, false)),
+        ),
+        GgmlType::Q5_K => (
+            cast(bytemuck::cast_slice(&rng.q5_k_blocks(rows * nb))),
+            BenchActs::Q8K(rng.q8_k_blocks(n * nb, false)),
+        ),
+        GgmlType::Q6_K => (
+            cast(bytemuck::cast_slice(&rng.q6_k_blocks(rows * nb))),
+            BenchActs::Q8K(rng.q8_k_blocks(n * nb, false)),
+        ),
+        _ => unreachable!("benchmarks cover the 4-6 bit types"),
     }
 }
 
-fn bench_q4_0_decode_shape(rows: usize, cols: usize) {
-    let nb = cols / QK;
+enum BenchActs {
+    Q8_0(Vec<BlockQ8_0>),
+    Q8K(Vec<BlockQ8K>),
+}
+
+impl BenchActs {
+    fn acts(&self) -> Acts<'_> {
+        match self {
+            BenchActs::Q8_0(x) => Acts::Q8_0(x),
+            BenchActs::Q8K(x) => Acts::Q8K(x),
+        }
+    }
+}
+
+const BENCH_TYPES: [GgmlType; 4] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Decode: 7B-shape matrices (25 MB at 4.5 bits) times one token, one
+/// thread, per quantized type. "hot": one matrix (cache-resident on
+/// large-L3 servers); "DRAM": 32 copies cycled (800 MB), so weights come
+/// from memory as in real decoding.
+#[test]
+#[ignore]
+fn bench_decode() {
+    // The MLP down projection's shape, then up/gate's (rows of 4096), at
+    // the k-quants' padded width.
+    for ty in BENCH_TYPES {
+        for (rows, cols) in [(4096, 11008), (11008, 4096)] {
+            bench_decode_shape(ty, rows, cols);
+        }
+    }
+}
+
+fn bench_decode_shape(ty: GgmlType, rows: usize, cols: usize) {
     let mut rng = Rng(12);
     let copies = 32;
-    let mats: Vec<Vec<BlockQ4_0>> = (0..copies).map(|_| rng.q4_blocks(rows * nb)).collect();
-    let x = rng.q8_blocks(nb);
-    let bytes = (rows * nb * std::mem::size_of::<BlockQ4_0>()) as f64;
+    let (mats, x): (Vec<Vec<u8>>, Vec<BenchActs>) = (0..copies)
+        .map(|_| bench_data(&mut rng, ty, rows, cols, 1))
+        .unzip();
+    let x = &x[0];
+    let bytes = mats[0].len() as f64;
     let mut out = vec![0.0f32; rows];
     for k in kernels() {
         let w = |i: usize| Weight {
-            ty: GgmlType::Q4_0,
+            ty,
             rows,
             cols,
-            data: bytemuck::cast_slice(&mats[i]),
+            data: &mats[i],
         };
         let mut buf = PackBuf::default();
-        let xp = k.pack(&w(0), Acts::Q8_0(&x), &mut buf);
+        let xp = k.pack(&w(0), x.acts(), &mut buf);
         let hot = best_of(5, || k.matmul_rows(&w(0), &xp, 0..rows, &mut out));
         let reps = if k.name() == "scalar" { 1 } else { 3 };
         let cold = best_of(reps, || {
@@ -779,7 +1072,7 @@ fn bench_q4_0_decode_shape(rows: usize, cols: usize) {
             }
         });
         println!(
-            "q4_0 decode {rows}x{cols} {:>6}: hot {:6.2} GB/s ({:.2} ms), DRAM {:6.2} GB/s",
+            "{ty} decode {rows}x{cols} {:>6}: hot {:6.2} GB/s ({:.2} ms), DRAM {:6.2} GB/s",
             k.name(),
             bytes / hot / 1e9,
             hot * 1e3,
@@ -788,38 +1081,38 @@ fn bench_q4_0_decode_shape(rows: usize, cols: usize) {
     }
 }
 
-/// Prefill: the same matrix times 64 tokens, one thread. Reported as weight
-/// GB/s (each weight read once per 64 tokens) and block products per second.
+/// Prefill: one matrix times 64 tokens, one thread, per quantized type.
+/// Reported as weight GB/s (each weight read once per 64 tokens) and
+/// multiply-adds per second.
 #[test]
 #[ignore]
-fn bench_q4_0_prefill() {
-    let (cols, n) = (10944, 64);
-    let nb = cols / QK;
-    let mut rng = Rng(13);
-    let x = rng.q8_blocks(n * nb);
-    for k in kernels() {
-        // The scalar path is slow: fewer rows keep the run short.
-        let rows = if k.name() == "scalar" { 256 } else { 1024 };
-        let wb = rng.q4_blocks(rows * nb);
-        let w = Weight {
-            ty: GgmlType::Q4_0,
-            rows,
-            cols,
-            data: bytemuck::cast_slice(&wb),
-        };
-        let mut out = vec![0.0f32; rows * n];
-        // Best of many: on a shared machine the minimum is the run that had a core.
-        let reps = if k.name() == "scalar" { 3 } else { 25 };
-        let mut buf = PackBuf::default();
-        let xp = k.pack(&w, Acts::Q8_0(&x), &mut buf);
-        let t = best_of(reps, || k.matmul_rows(&w, &xp, 0..rows, &mut out));
-        let bytes = (rows * nb * std::mem::size_of::<BlockQ4_0>()) as f64;
-        println!(
-            "q4_0 prefill {rows}x{cols} x {n} tokens {:>6}: {:6.3} GB/s of weights, {:6.2} G block-dots/s, {:.1} ms",
-            k.name(),
-            bytes / t / 1e9,
-            (rows * nb * n) as f64 / t / 1e9,
-            t * 1e3
-        );
+fn bench_prefill() {
+    let (cols, n) = (11008, 64);
+    for ty in BENCH_TYPES {
+        let mut rng = Rng(13);
+        for k in kernels() {
+            // The scalar path is slow: fewer rows keep the run short.
+            let rows = if k.name() == "scalar" { 256 } else { 4096 };
+            let (wb, x) = bench_data(&mut rng, ty, rows, cols, n);
+            let w = Weight {
+                ty,
+                rows,
+                cols,
+                data: &wb,
+            };
+            let mut out = vec![0.0f32; rows * n];
+            // Best of many: on a shared machine the minimum is the run that had a core.
+            let reps = if k.name() == "scalar" { 3 } else { 25 };
+            let mut buf = PackBuf::default();
+            let xp = k.pack(&w, x.acts(), &mut buf);
+            let t = best_of(reps, || k.matmul_rows(&w, &xp, 0..rows, &mut out));
+            println!(
+                "{ty} prefill {rows}x{cols} x {n} tokens {:>6}: {:6.3} GB/s of weights, {:6.2} G MAC/s, {:.1} ms",
+                k.name(),
+                wb.len() as f64 / t / 1e9,
+                (rows * cols * n) as f64 / t / 1e9,
+                t * 1e3
+            );
+        }
     }
 }

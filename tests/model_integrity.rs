@@ -7,7 +7,8 @@ mod common;
 
 use common::startup::{rewrite_model, Serve};
 use common::*;
-use crystald::gguf::Gguf;
+use crystald::gguf::{checksum, Gguf, GgufWriter, TensorSpec, KEY_ALIGNMENT};
+use crystald::quant::GgmlType;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -80,7 +81,7 @@ fn verify_catches_a_flipped_byte_in_every_tensor_type_region() {
     let types: Vec<_> = types_seen.keys().copied().collect();
     assert_eq!(
         types,
-        ["f16", "f32", "q4_0", "q8_0"],
+        ["f16", "f32", "q4_0", "q4_K", "q5_K", "q6_K", "q8_0"],
         "every type was tried"
     );
 }
@@ -131,4 +132,87 @@ fn serve_with_verify_model_refuses_a_corrupt_file_and_serves_a_good_one() {
     // Without verify_model the (cheap) start does not read the whole file.
     let s = Serve::ready(&bad, &[], &[]);
     assert!(!s.log().contains("checksum"), "{}", s.log());
+}
+
+/// `src` rewritten with a fresh, valid checksum after `edit` changed the
+/// data of tensor `name`: damage the checksum cannot see.
+fn rewrite_tensor(src: &Path, dst: &Path, name: &str, edit: impl FnOnce(&mut [u8])) {
+    let g = Gguf::open(src).unwrap();
+    let meta: Vec<_> = g
+        .header
+        .metadata
+        .iter()
+        .filter(|(k, _)| k != KEY_ALIGNMENT && k != checksum::KEY)
+        .cloned()
+        .collect();
+    let specs = g
+        .header
+        .tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+        })
+        .collect();
+    let out = std::io::BufWriter::new(std::fs::File::create(dst).unwrap());
+    let mut w = GgufWriter::with_checksum(out, &meta, specs, g.header.alignment as usize).unwrap();
+    let mut edit = Some(edit);
+    for t in &g.header.tensors {
+        let mut data = g.data(t).to_vec();
+        if t.name == name {
+            (edit.take().unwrap())(&mut data);
+        }
+        w.write_data(&data).unwrap();
+    }
+    assert!(edit.is_none(), "no tensor {name}");
+    w.finish_with_checksum().unwrap();
+}
+
+#[test]
+fn non_finite_block_scales_are_refused_by_verify_and_verify_model() {
+    let src = converted("tiny-a", "q4_k_m");
+    let g = Gguf::open(&src).unwrap();
+    let dir = temp_dir();
+    const NAN: [u8; 2] = 0x7E00u16.to_le_bytes();
+    const INF: [u8; 2] = 0xFC00u16.to_le_bytes(); // −Inf
+                                                  // (type, byte offset of the damaged f16 in a block, value)
+    let cases = [
+        (GgmlType::Q4_K, 0, NAN),         // d
+        (GgmlType::Q4_K, 2, INF),         // dmin
+        (GgmlType::Q6_K, 208, NAN),       // d, at the end of the block
+        (GgmlType::F32, 2, [0x80, 0x7F]), // an f32 exponent of all ones
+    ];
+    for (i, (ty, at, value)) in cases.into_iter().enumerate() {
+        let t = g.header.tensors.iter().find(|t| t.ty == ty).unwrap();
+        let bad = dir.path().join(format!("bad-{i}.gguf"));
+        let block = 3;
+        rewrite_tensor(&src, &bad, &t.name, |d| {
+            let off = block * ty.type_size() + at;
+            d[off..off + 2].copy_from_slice(&value);
+        });
+        let o = verify(&bad);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{ty}: {out}");
+        let unit = if ty == GgmlType::F32 {
+            "value"
+        } else {
+            "block"
+        };
+        assert!(
+            out.contains(&t.name)
+                && out.contains(&format!("{unit} {block} has a NaN or infinite scale")),
+            "{ty}: {out}"
+        );
+        if i == 0 {
+            let log = Serve::refused(&bad, &["--verify-model"], &[], None);
+            assert!(
+                log.contains(&t.name) && log.contains("NaN or infinite"),
+                "{log}"
+            );
+        }
+    }
+    // The undamaged file passes both checks.
+    let o = verify(&src);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }

@@ -55,7 +55,7 @@ pub fn read_hparams(dir: &Path) -> Result<Hparams> {
         n_layer: int("n_layer")?,
         n_head: int("n_head")?,
         rotary_dim: int("rotary_dim")?,
-        n_ff: Hparams::padded_ff(n_inner),
+        n_ff: Hparams::padded_ff(n_inner, crystald::quant::QK),
         n_inner,
         layer_norm_epsilon: float("layer_norm_epsilon")?,
         rope_freq_base: cfg

@@ -32,7 +32,9 @@ struct ConvertArgs {
     /// Output GGUF file.
     #[arg(short, long)]
     output: Option<PathBuf>,
-    /// Storage preset: q4_0 (int4 matrices, Q8_0 embedding), q8_0, f16 or f32.
+    /// Storage preset: q4_k_m (k-quant int4 mix, README "Quantization
+    /// quality"), q4_k_s, q5_k_m, q6_k, q4_0 (int4 matrices, Q8_0
+    /// embedding), q8_0, f16 or f32.
     #[arg(long = "type", default_value = "q4_0", value_parser = parse_preset)]
     preset: Preset,
     /// Overwrite an existing output file.
@@ -85,7 +87,10 @@ enum FormatArg {
 }
 
 fn parse_preset(s: &str) -> Result<Preset, String> {
-    Preset::parse(s).ok_or_else(|| format!("unknown type '{s}' (q4_0, q8_0, f16, f32)"))
+    Preset::parse(s).ok_or_else(|| {
+        let names: Vec<_> = Preset::ALL.iter().map(|p| p.name()).collect();
+        format!("unknown type '{s}' ({})", names.join(", "))
+    })
 }
 
 /// A bar on a terminal, one line per tensor elsewhere (journals, CI logs).

@@ -9,13 +9,21 @@ pub struct Args {
     model: PathBuf,
 }
 
-/// Exit status: 0 the checksum matches, 1 it does not (or the file cannot
-/// be read), 2 the file records none.
+/// Exit status: 0 the checksum matches, 1 it does not, a block scale is
+/// NaN or infinite, or the file cannot be read, 2 the file records no
+/// checksum.
 pub fn run(a: Args) -> Result<i32> {
     let file = Gguf::open(&a.model).map_err(|e| anyhow::anyhow!("{}: {e}", a.model.display()))?;
     let started = Instant::now();
     let verdict = checksum::verify(&file);
     let secs = started.elapsed().as_secs_f64();
+    // A checksum vouches for the bytes, not for what wrote them.
+    if !matches!(verdict, checksum::Verdict::Mismatch { .. }) {
+        if let Err(e) = checksum::check_scales(&file) {
+            eprintln!("crystald: error: {}: {e}", a.model.display());
+            return Ok(1);
+        }
+    }
     let gb = file.file_len() as f64 / 1e9;
     let shown = a.model.display();
     match verdict {

@@ -212,6 +212,7 @@ fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result
             v @ Verdict::Mismatch { .. } => return Err(format!("{path}: {}", v.describe())),
             v @ Verdict::Absent => log_warn!("{path}: {}", v.describe()),
         }
+        model.check_scales().map_err(|e| format!("{path}: {e}"))?;
     } else if !model.has_checksum() {
         log_info!("note: {path}: {}", Verdict::Absent.describe());
     }

@@ -7,6 +7,7 @@
 //! SD card or an interrupted copy, not a deliberate forgery.
 
 use super::reader::Gguf;
+use crate::quant;
 use xxhash_rust::xxh3::Xxh3;
 
 pub const KEY: &str = "crystald.checksum.xxh3_64";
@@ -59,4 +60,25 @@ pub fn verify(file: &Gguf) -> Verdict {
     } else {
         Verdict::Mismatch { stored, actual }
     }
+}
+
+/// Every tensor's block scales (and f32/f16 values) are finite: what a
+/// checksum cannot vouch for when the file was written wrong in the first
+/// place. Reads the whole file, like [`verify`].
+pub fn check_scales(file: &Gguf) -> Result<(), String> {
+    for t in &file.header.tensors {
+        if let Some(i) = quant::first_non_finite_scale(t.ty, file.data(t)) {
+            let what = if t.ty.block_size() == 1 {
+                "value"
+            } else {
+                "block"
+            };
+            return Err(format!(
+                "tensor '{}' ({}): {what} {i} has a NaN or infinite scale; the file is damaged \
+                 or was written by a broken tool",
+                t.name, t.ty
+            ));
+        }
+    }
+    Ok(())
 }

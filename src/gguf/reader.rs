@@ -248,7 +248,11 @@ impl Header {
             let type_id = c.u32(&name)?;
             let offset = c.u64(&name)?;
             let Some(ty) = GgmlType::from_id(type_id) else {
-                return Err(Error::Tensor { name, what: format!("has ggml type id {type_id}, which this build does not support (f32, f16, q4_0, q8_0)") });
+                let known: Vec<String> = GgmlType::ALL
+                    .iter()
+                    .map(|t| format!("{} = {}", t.id(), t.name()))
+                    .collect();
+                return Err(Error::Tensor { name, what: format!("has ggml type id {type_id}, which this build does not support (supported: {})", known.join(", ")) });
             };
             raw.push((name, dims, ty, offset));
         }

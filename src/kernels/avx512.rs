@@ -35,7 +35,7 @@
 
 use super::avx2::{unpack_q4_0, Avx2, NextTile};
 use super::{Acts, Kernels, PackBuf, Packed, Weight};
-use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType, QK};
 use half::f16;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -128,6 +128,20 @@ impl Kernels for Avx512 {
 
     fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
         self.avx2.matmul_q8_0(w, nb, x, out)
+    }
+
+    // k-quants: the AVX2 kernels (already integer-bound on the 256-bit
+    // unpacking; a 512-bit version is future work, README "k-quants").
+    fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.avx2.matmul_q4_k(w, nb, x, out)
+    }
+
+    fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.avx2.matmul_q5_k(w, nb, x, out)
+    }
+
+    fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.avx2.matmul_q6_k(w, nb, x, out)
     }
 
     fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {

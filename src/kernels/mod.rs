@@ -7,8 +7,9 @@
 //! start-up; `CRYSTALD_KERNELS=scalar` (or the `--kernels` flag) forces one.
 //!
 //! Quantized matrices are multiplied with int8 arithmetic: activations are
-//! quantized on the fly to Q8_0 (blocks of 32, as ggml does) and each block
-//! product is an integer dot scaled by the two block scales.
+//! quantized on the fly, to Q8_0 (blocks of 32) for Q4_0/Q8_0 weights and
+//! to Q8_K (blocks of 256) for the k-quants, as ggml does, and each block
+//! product is an integer dot scaled by the block scales.
 
 /// The driver of a tokens-across-lanes Q4_0 prefill kernel (the AVX2 and
 /// AVX-512 sets each have one, with their own tile, lane count and tile
@@ -66,7 +67,9 @@ pub mod avx512;
 pub mod neon;
 pub mod scalar;
 
-use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use crate::quant::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType, QK, QK_K,
+};
 use half::f16;
 use std::ops::Range;
 
@@ -101,6 +104,21 @@ impl<'a> Weight<'a> {
         bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
     }
 
+    pub fn q4_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ4K] {
+        let n = self.row_bytes();
+        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
+    }
+
+    pub fn q5_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ5K] {
+        let n = self.row_bytes();
+        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
+    }
+
+    pub fn q6_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ6K] {
+        let n = self.row_bytes();
+        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
+    }
+
     pub fn f16_rows(&self, rows: Range<usize>) -> &'a [f16] {
         let n = self.row_bytes();
         bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
@@ -116,6 +134,7 @@ impl<'a> Weight<'a> {
         match self.ty {
             GgmlType::F32 | GgmlType::F16 => ActType::F32,
             GgmlType::Q4_0 | GgmlType::Q8_0 => ActType::Q8_0,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActType::Q8K,
         }
     }
 }
@@ -124,6 +143,7 @@ impl<'a> Weight<'a> {
 pub enum ActType {
     F32,
     Q8_0,
+    Q8K,
 }
 
 /// `n_tokens` activation rows of `cols` values, in the format the weight
@@ -132,6 +152,7 @@ pub enum ActType {
 pub enum Acts<'a> {
     F32(&'a [f32]),
     Q8_0(&'a [BlockQ8_0]),
+    Q8K(&'a [BlockQ8K]),
 }
 
 impl Acts<'_> {
@@ -139,6 +160,7 @@ impl Acts<'_> {
         match self {
             Acts::F32(x) => x.len() / cols,
             Acts::Q8_0(x) => x.len() / (cols / QK),
+            Acts::Q8K(x) => x.len() / (cols / QK_K),
         }
     }
 }
@@ -236,6 +258,10 @@ pub trait Kernels: Send + Sync {
     /// `w`: whole Q4_0 rows of `nb` blocks; `out`: rows × `x.n`, grouped by row.
     fn matmul_q4_0(&self, w: &[BlockQ4_0], nb: usize, x: &Packed<'_>, out: &mut [f32]);
     fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]);
+    /// `w`: whole k-quant rows of `nb` super-blocks; `x`: Q8_K activations.
+    fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]);
+    fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]);
+    fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]);
     /// `x`: `n` tokens of `cols` f32 values.
     fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]);
     fn matmul_f32(&self, w: &[f32], cols: usize, x: &[f32], n: usize, out: &mut [f32]);
@@ -266,7 +292,7 @@ pub trait Kernels: Send + Sync {
             w.ty
         );
         let out = &mut out[..rows.len() * n];
-        let nb = w.cols / QK;
+        let nb = w.cols / w.ty.block_size();
         match (w.ty, x.acts) {
             (GgmlType::Q4_0, Acts::Q8_0(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
@@ -275,6 +301,18 @@ pub trait Kernels: Send + Sync {
             (GgmlType::Q8_0, Acts::Q8_0(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
                 self.matmul_q8_0(w.q8_0_rows(rows), nb, x, out)
+            }
+            (GgmlType::Q4_K, Acts::Q8K(a)) => {
+                assert!(a.len() >= n * nb, "activations too short");
+                self.matmul_q4_k(w.q4_k_rows(rows), nb, x, out)
+            }
+            (GgmlType::Q5_K, Acts::Q8K(a)) => {
+                assert!(a.len() >= n * nb, "activations too short");
+                self.matmul_q5_k(w.q5_k_rows(rows), nb, x, out)
+            }
+            (GgmlType::Q6_K, Acts::Q8K(a)) => {
+                assert!(a.len() >= n * nb, "activations too short");
+                self.matmul_q6_k(w.q6_k_rows(rows), nb, x, out)
             }
             (GgmlType::F16, Acts::F32(a)) => {
                 self.matmul_f16(w.f16_rows(rows), w.cols, &a[..n * w.cols], n, out)
@@ -297,6 +335,12 @@ pub trait Kernels: Send + Sync {
     /// Quantizes `x` into Q8_0 blocks (`x.len() / 32` of them), with ggml's
     /// reference rounding.
     fn quantize_q8_0(&self, x: &[f32], y: &mut [BlockQ8_0]);
+
+    /// Quantizes `x` into Q8_K blocks (`x.len() / 256` of them). Once per
+    /// product, so the reference code serves every set.
+    fn quantize_q8_k(&self, x: &[f32], y: &mut [BlockQ8K]) {
+        crate::quant::q8_k::quantize_row(x, y)
+    }
 
     fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32;
     fn dot_f16(&self, a: &[f32], b: &[f16]) -> f32;

@@ -21,7 +21,7 @@ use super::kv_cache::{KvCache, KvSlice, KvType};
 use super::ops;
 use super::{EngineError, Model, TensorLoc};
 use crate::kernels::{ActType, Acts, PackBuf, Packed, Weight};
-use crate::quant::{self, BlockQ8_0, QK};
+use crate::quant::{self, BlockQ8K, BlockQ8_0, QK, QK_K};
 use rayon::prelude::*;
 
 /// Tokens per prefill batch: large enough to reuse each weight block many
@@ -44,7 +44,8 @@ pub fn scratch_bytes(hp: &crate::model_file::Hparams, n_ctx: usize) -> u64 {
     let widest = vocab.max(ff).max(3 * d);
     let floats = t * (4 * d + 3 * d + 2 * ff) + t * widest + t * vocab;
     let q8 = t * ff.max(d) / QK
-        * (std::mem::size_of::<BlockQ8_0>() + crate::kernels::PACKED_BYTES_PER_BLOCK);
+        * (std::mem::size_of::<BlockQ8_0>() + crate::kernels::PACKED_BYTES_PER_BLOCK)
+        + t * ff.max(d).div_ceil(QK_K) * std::mem::size_of::<BlockQ8K>();
     let rope = n_ctx * hp.rotary_dim / 2 * 8;
     (floats * 4 + q8 + rope + n_ctx * 4 * 64) as u64
 }
@@ -64,6 +65,7 @@ pub struct Session {
     gate: Vec<f32>,
     transposed: Vec<f32>,
     q8: Vec<BlockQ8_0>,
+    q8k: Vec<BlockQ8K>,
     packed: PackBuf,
     logits: Vec<f32>,
 }
@@ -91,6 +93,7 @@ impl Session {
             gate: Vec::new(),
             transposed: Vec::new(),
             q8: Vec::new(),
+            q8k: Vec::new(),
             packed: PackBuf::default(),
             logits: Vec::new(),
         }
@@ -141,6 +144,7 @@ impl Session {
             *v = Vec::new();
         }
         self.q8 = Vec::new();
+        self.q8k = Vec::new();
         self.packed.release();
     }
 
@@ -213,7 +217,14 @@ impl Session {
             }
             self.qkv.resize(t * 3 * d, 0.0);
             let w = model.weight(layer.qkv_w);
-            let acts = prepare(k, &w, &self.h, &mut self.q8, &mut self.packed);
+            let acts = prepare(
+                k,
+                &w,
+                &self.h,
+                &mut self.q8,
+                &mut self.q8k,
+                &mut self.packed,
+            );
             linear(
                 model,
                 &w,
@@ -226,7 +237,14 @@ impl Session {
             self.attention(model, l, t);
             self.proj.resize(t * d, 0.0);
             let w = model.weight(layer.attn_out_w);
-            let acts = prepare(k, &w, &self.att, &mut self.q8, &mut self.packed);
+            let acts = prepare(
+                k,
+                &w,
+                &self.att,
+                &mut self.q8,
+                &mut self.q8k,
+                &mut self.packed,
+            );
             linear(
                 model,
                 &w,
@@ -251,7 +269,14 @@ impl Session {
             self.up.resize(t * ff, 0.0);
             self.gate.resize(t * ff, 0.0);
             let (up_w, gate_w) = (model.weight(layer.up_w), model.weight(layer.gate_w));
-            let acts = prepare(k, &up_w, &self.h, &mut self.q8, &mut self.packed);
+            let acts = prepare(
+                k,
+                &up_w,
+                &self.h,
+                &mut self.q8,
+                &mut self.q8k,
+                &mut self.packed,
+            );
             linear(
                 model,
                 &up_w,
@@ -264,7 +289,14 @@ impl Session {
             let acts = if gate_w.ty == up_w.ty {
                 acts
             } else {
-                prepare(k, &gate_w, &self.h, &mut self.q8, &mut self.packed)
+                prepare(
+                    k,
+                    &gate_w,
+                    &self.h,
+                    &mut self.q8,
+                    &mut self.q8k,
+                    &mut self.packed,
+                )
             };
             linear(
                 model,
@@ -280,7 +312,14 @@ impl Session {
                 .zip(&self.gate)
                 .for_each(|(u, &g)| *u *= ops::silu(g));
             let w = model.weight(layer.down_w);
-            let acts = prepare(k, &w, &self.up, &mut self.q8, &mut self.packed);
+            let acts = prepare(
+                k,
+                &w,
+                &self.up,
+                &mut self.q8,
+                &mut self.q8k,
+                &mut self.packed,
+            );
             linear(
                 model,
                 &w,
@@ -313,7 +352,14 @@ impl Session {
         }
         self.logits.resize(n_out * hp.vocab_size, 0.0);
         let head = model.weight(model.token_embd);
-        let acts = prepare(k, &head, &self.h, &mut self.q8, &mut self.packed);
+        let acts = prepare(
+            k,
+            &head,
+            &self.h,
+            &mut self.q8,
+            &mut self.q8k,
+            &mut self.packed,
+        );
         matmul(
             model,
             &head,
@@ -395,13 +441,14 @@ fn linear(
     ops::add_bias(out, model.vector(b));
 }
 
-/// Puts activations in the format `w` multiplies with (Q8_0 for quantized
-/// weights) and the layout the kernels want, once for all threads.
+/// Puts activations in the format `w` multiplies with (Q8_0 or Q8_K for
+/// quantized weights) and the layout the kernels want, once for all threads.
 fn prepare<'a>(
     k: &dyn crate::kernels::Kernels,
     w: &Weight<'_>,
     x: &'a [f32],
     q8: &'a mut Vec<BlockQ8_0>,
+    q8k: &'a mut Vec<BlockQ8K>,
     packed: &'a mut PackBuf,
 ) -> Packed<'a> {
     let acts = match w.act_type() {
@@ -414,6 +461,15 @@ fn prepare<'a>(
                 k.quantize_q8_0(xr, yr);
             }
             Acts::Q8_0(q8)
+        }
+        ActType::Q8K => {
+            let nb = w.cols / QK_K;
+            let t = x.len() / w.cols;
+            q8k.resize(t * nb, bytemuck::Zeroable::zeroed());
+            for (xr, yr) in x.chunks_exact(w.cols).zip(q8k.chunks_exact_mut(nb)) {
+                k.quantize_q8_k(xr, yr);
+            }
+            Acts::Q8K(q8k)
         }
     };
     k.pack(w, acts, packed)

@@ -130,22 +130,23 @@ impl Model {
         let Checked { hp, special, locs } = check(&file.header)?;
         let get = |name: &str| locs[name];
         let layer = |l: usize| {
-            let g = |s: &str| get(&model_file::layer_tensor_name(l, s));
+            use model_file::LayerTensor::*;
+            let g = |t| get(&model_file::layer_tensor_name(l, t));
             Layer {
-                attn_norm_w: g("attn_norm.weight"),
-                attn_norm_b: g("attn_norm.bias"),
-                qkv_w: g("attn_qkv.weight"),
-                qkv_b: g("attn_qkv.bias"),
-                attn_out_w: g("attn_output.weight"),
-                attn_out_b: g("attn_output.bias"),
-                ffn_norm_w: g("ffn_norm.weight"),
-                ffn_norm_b: g("ffn_norm.bias"),
-                up_w: g("ffn_up.weight"),
-                up_b: g("ffn_up.bias"),
-                gate_w: g("ffn_gate.weight"),
-                gate_b: g("ffn_gate.bias"),
-                down_w: g("ffn_down.weight"),
-                down_b: g("ffn_down.bias"),
+                attn_norm_w: g(AttnNormW),
+                attn_norm_b: g(AttnNormB),
+                qkv_w: g(QkvW),
+                qkv_b: g(QkvB),
+                attn_out_w: g(AttnOutW),
+                attn_out_b: g(AttnOutB),
+                ffn_norm_w: g(FfnNormW),
+                ffn_norm_b: g(FfnNormB),
+                up_w: g(UpW),
+                up_b: g(UpB),
+                gate_w: g(GateW),
+                gate_b: g(GateB),
+                down_w: g(DownW),
+                down_b: g(DownB),
             }
         };
         let layers = (0..hp.n_layer).map(layer).collect();
@@ -195,6 +196,11 @@ impl Model {
     /// Reads the whole file and compares it with its recorded checksum.
     pub fn verify(&self) -> gguf::checksum::Verdict {
         gguf::checksum::verify(&self.file)
+    }
+
+    /// Every block scale of the file is finite (reads the whole file).
+    pub fn check_scales(&self) -> Result<(), String> {
+        gguf::checksum::check_scales(&self.file)
     }
 
     pub fn has_checksum(&self) -> bool {

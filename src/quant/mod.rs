@@ -2,16 +2,27 @@
 //!
 //! Every type here is a standard ggml type id, so a file written by this
 //! project opens in the reference `gguf` Python package and in `gguf-dump`.
-//! Quantized types store fixed-size blocks of [`QK`] values along a row (the
-//! reduction dimension of a matrix), so a row of `n` values takes
-//! `n / QK * type_size` bytes and `n` must be a multiple of [`QK`].
+//! Quantized types store fixed-size blocks along a row (the reduction
+//! dimension of a matrix): [`QK`] values for Q4_0 and Q8_0, [`QK_K`] for the
+//! k-quants, so a row of `n` values takes `n / block_size * type_size`
+//! bytes and `n` must be a multiple of the block size.
 
 pub mod f16;
+pub mod k_search;
 pub mod q4_0;
+pub mod q4_k;
+pub mod q5_k;
+pub mod q6_k;
 pub mod q8_0;
+pub mod q8_k;
 
+pub use k_search::QK_K;
 pub use q4_0::BlockQ4_0;
+pub use q4_k::BlockQ4K;
+pub use q5_k::BlockQ5K;
+pub use q6_k::BlockQ6K;
 pub use q8_0::BlockQ8_0;
+pub use q8_k::BlockQ8K;
 
 /// Values per block for Q4_0 and Q8_0 (ggml's `QK4_0` and `QK8_0`).
 pub const QK: usize = 32;
@@ -20,11 +31,15 @@ pub const QK: usize = 32;
 /// into GGUF tensor tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
+#[allow(non_camel_case_types)] // ggml's names, as users see them in tools
 pub enum GgmlType {
     F32 = 0,
     F16 = 1,
     Q4_0 = 2,
     Q8_0 = 8,
+    Q4_K = 12,
+    Q5_K = 13,
+    Q6_K = 14,
 }
 
 impl GgmlType {
@@ -34,8 +49,26 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             8 => Self::Q8_0,
+            12 => Self::Q4_K,
+            13 => Self::Q5_K,
+            14 => Self::Q6_K,
             _ => return None,
         })
+    }
+
+    pub const ALL: [GgmlType; 7] = [
+        Self::F32,
+        Self::F16,
+        Self::Q4_0,
+        Self::Q8_0,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
+
+    /// A k-quant: super-blocks of [`QK_K`] values.
+    pub fn is_k_quant(self) -> bool {
+        matches!(self, Self::Q4_K | Self::Q5_K | Self::Q6_K)
     }
 
     pub fn id(self) -> u32 {
@@ -48,11 +81,14 @@ impl GgmlType {
             Self::F16 => "f16",
             Self::Q4_0 => "q4_0",
             Self::Q8_0 => "q8_0",
+            Self::Q4_K => "q4_K",
+            Self::Q5_K => "q5_K",
+            Self::Q6_K => "q6_K",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::F32, Self::F16, Self::Q4_0, Self::Q8_0]
+        Self::ALL
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(name))
     }
@@ -62,6 +98,7 @@ impl GgmlType {
         match self {
             Self::F32 | Self::F16 => 1,
             Self::Q4_0 | Self::Q8_0 => QK,
+            Self::Q4_K | Self::Q5_K | Self::Q6_K => QK_K,
         }
     }
 
@@ -72,6 +109,9 @@ impl GgmlType {
             Self::F16 => 2,
             Self::Q4_0 => std::mem::size_of::<BlockQ4_0>(),
             Self::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
+            Self::Q4_K => std::mem::size_of::<BlockQ4K>(),
+            Self::Q5_K => std::mem::size_of::<BlockQ5K>(),
+            Self::Q6_K => std::mem::size_of::<BlockQ6K>(),
         }
     }
 
@@ -104,6 +144,9 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
         GgmlType::F16 => f16::encode_row(src, dst),
         GgmlType::Q4_0 => q4_0::quantize_row(src, bytemuck::cast_slice_mut(dst)),
         GgmlType::Q8_0 => q8_0::quantize_row(src, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q4_K => q4_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q5_K => q5_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q6_K => q6_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
     }
 }
 
@@ -119,5 +162,24 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::F16 => f16::decode_row(src, dst),
         GgmlType::Q4_0 => q4_0::dequantize_row(bytemuck::cast_slice(src), dst),
         GgmlType::Q8_0 => q8_0::dequantize_row(bytemuck::cast_slice(src), dst),
+        GgmlType::Q4_K => q4_k::dequantize_row(bytemuck::cast_slice(src), dst),
+        GgmlType::Q5_K => q5_k::dequantize_row(bytemuck::cast_slice(src), dst),
+        GgmlType::Q6_K => q6_k::dequantize_row(bytemuck::cast_slice(src), dst),
     }
+}
+
+/// The first block (or for f32/f16, value) of `data`, whole blocks of `ty`,
+/// whose scale is NaN or infinite. A quantizer never writes one; a damaged
+/// or foreign file can, and every product with that row would then be NaN.
+pub fn first_non_finite_scale(ty: GgmlType, data: &[u8]) -> Option<usize> {
+    let half = |lo: u8, hi: u8| half::f16::from_le_bytes([lo, hi]).is_finite();
+    let size = ty.type_size();
+    data.chunks_exact(size).position(|b| match ty {
+        GgmlType::F32 => !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite(),
+        // The scale leads the block; Q4_K/Q5_K follow it with `dmin`.
+        GgmlType::F16 | GgmlType::Q4_0 | GgmlType::Q8_0 => !half(b[0], b[1]),
+        GgmlType::Q4_K | GgmlType::Q5_K => !half(b[0], b[1]) || !half(b[2], b[3]),
+        // Q6_K keeps its scale last.
+        GgmlType::Q6_K => !half(b[size - 2], b[size - 1]),
+    })
 }

@@ -27,7 +27,8 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub const FIXTURES: [&str; 2] = ["tiny-a", "tiny-b"];
-pub const PRESETS: [&str; 4] = ["f32", "f16", "q8_0", "q4_0"];
+/// Every storage type: q4_k_m holds Q4_K and Q6_K, q5_k_m Q5_K.
+pub const PRESETS: [&str; 6] = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"];
 
 struct Silent;
 impl Progress for Silent {

@@ -6,7 +6,9 @@ usage: check_gguf.py MODEL.gguf EXPECTED.safetensors
 EXPECTED holds, for every tensor of the file, the f32 values it should
 encode (checkpoint values transposed and padded into file layout). f32 and
 f16 tensors must equal them exactly; Q8_0 and Q4_0 tensors must be
-byte-identical to gguf.quants.quantize of them.
+byte-identical to gguf.quants.quantize of them. gguf has no quantizer for
+the k-quants (Q4_K, Q5_K, Q6_K): for those EXPECTED holds crystald's own
+dequantization, which gguf.quants.dequantize must reproduce bit for bit.
 """
 import sys
 
@@ -31,6 +33,12 @@ def check_checksum(path, reader):
     data[at:at + 8] = bytes(8)
     actual = xxhash.xxh3_64_intdigest(bytes(data))
     assert actual == stored, f"checksum {stored:016x} recorded, file hashes to {actual:016x}"
+
+K_QUANTS = (
+    gguf.GGMLQuantizationType.Q4_K,
+    gguf.GGMLQuantizationType.Q5_K,
+    gguf.GGMLQuantizationType.Q6_K,
+)
 
 REQUIRED = [
     "general.architecture",
@@ -95,6 +103,9 @@ def main(path, expected_path):
         elif qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
             want = gguf.quants.quantize(ref, qtype)
             ok = raw.tobytes() == want.tobytes()
+        elif qtype in K_QUANTS:
+            got = gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(ref.shape)
+            ok = np.array_equal(got.view(np.uint32), ref.view(np.uint32))
         else:
             raise AssertionError(f"{name}: unexpected type {qtype.name}")
         assert ok, f"{name} ({qtype.name}): bytes differ from the reference encoding"

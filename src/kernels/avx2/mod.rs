@@ -14,8 +14,11 @@
 //! which checks the CPU. Loads go through fixed-size arrays or slices whose
 //! length was checked just before, so no load can leave its buffer.
 
+mod kquants;
+
+use super::scalar::q8k_acts;
 use super::{Acts, Kernels, PackBuf, Packed, Weight};
-use crate::quant::{BlockQ4_0, BlockQ8_0, GgmlType, QK};
+use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType, QK};
 use half::f16;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -93,6 +96,21 @@ impl Kernels for Avx2 {
     fn matmul_q8_0(&self, w: &[BlockQ8_0], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
         // SAFETY: as above.
         unsafe { matmul_q8_0(w, nb, x.layout(), x.n, out) }
+    }
+
+    fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+    }
+
+    fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+    }
+
+    fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
     }
 
     fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {

@@ -27,17 +27,24 @@
 //! their last row/token and drop the extra results, so there is one code
 //! path per `T` and no scalar tail loop.
 //!
+//! The k-quants (Q4_K, Q5_K, Q6_K × Q8_K) are in [`kquants`], with tiles of
+//! one row × up to four tokens: a super-block is 256 values, so one row's
+//! unpacked levels already fill half the register file.
+//!
 //! Safety: [`Neon`] can only be obtained from [`Neon::detect`] or
 //! [`Neon::detect_dotprod`], which check the CPU; every `unsafe fn` below
 //! requires only that the CPU has the features in its `target_feature`
 //! list (or, for `#[inline(always)]` helpers, in its caller's), and every
 //! raw load reads a fixed-size array or a slice cut to the loaded length.
 
-use super::{scalar::q8_acts, Kernels, Packed};
-use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
+use super::scalar::{q8_acts, q8k_acts};
+use super::{Kernels, Packed};
+use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, QK};
 use half::f16;
 use std::arch::aarch64::*;
 use std::arch::asm;
+
+mod kquants;
 
 /// The AArch64 kernels. The private field keeps it from being built outside
 /// this module, so holding one proves the CPU check for its variant passed.
@@ -65,6 +72,21 @@ impl Neon {
 
 /// Weight rows per tile: fixed, see the module comment.
 const ROWS: usize = 4;
+
+impl Neon {
+    /// The three k-quant products, one driver (see [`kquants`]).
+    fn matmul_k<B: kquants::KBlock>(&self, w: &[B], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        let (x, n) = (q8k_acts(x), x.n);
+        if self.dotprod {
+            // SAFETY: a dotprod `Neon` exists only after `detect_dotprod`;
+            // `matmul_rows` checked that `x` holds `n * nb` blocks.
+            unsafe { kquants::matmul_sdot(w, nb, &x[..n * nb], n, out) }
+        } else {
+            // SAFETY: any `Neon` exists only after `detect` saw NEON.
+            unsafe { kquants::matmul_widen(w, nb, &x[..n * nb], n, out) }
+        }
+    }
+}
 
 impl Kernels for Neon {
     fn name(&self) -> &'static str {
@@ -95,6 +117,18 @@ impl Kernels for Neon {
             // SAFETY: as above.
             unsafe { matmul_q8_0_widen(w, nb, &x[..n * nb], n, out) }
         }
+    }
+
+    fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.matmul_k(w, nb, x, out)
+    }
+
+    fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.matmul_k(w, nb, x, out)
+    }
+
+    fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        self.matmul_k(w, nb, x, out)
     }
 
     fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {

@@ -1,0 +1,111 @@
+//! Q4_K: super-blocks of 256 four-bit values in 8 sub-blocks of 32, each
+//! with a 6-bit scale and minimum relative to the f16 `d` and `dmin`:
+//! value = d·sc_j·q − dmin·m_j.
+//!
+//! `qs` holds the values 64 at a time: byte `l` of each 32-byte run has
+//! sub-block `2i`'s value `l` in its low nibble and sub-block `2i+1`'s in
+//! its high nibble (ggml's `block_q4_K`, 144 bytes, 4.5 bits per weight).
+
+use super::k_search::{quantize_scale_min_super, scale_min_k4, QK_K};
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ4K {
+    /// f16 bits of the super-block scale and minimum scale.
+    pub d: u16,
+    pub dmin: u16,
+    /// Eight 6-bit scales and eight 6-bit minimums ([`scale_min_k4`]).
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+impl BlockQ4K {
+    pub fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
+    pub fn dmin(&self) -> f32 {
+        f16::from_bits(self.dmin).to_f32()
+    }
+    /// Value `i` (0..256) as its 4-bit level.
+    pub fn level(&self, i: usize) -> u8 {
+        let (run, l) = (i / 64, i % 64);
+        let b = self.qs[run * 32 + l % 32];
+        if l < 32 {
+            b & 0x0F
+        } else {
+            b >> 4
+        }
+    }
+}
+
+/// ggml's `quantize_row_q4_K_ref` for one super-block: levels 0..=15,
+/// scale search from `(15 - 1) / range` in 21 steps of 0.1.
+pub fn quantize_block(x: &[f32]) -> BlockQ4K {
+    let (d, dmin, scales, l) = quantize_scale_min_super(x, 15, -1.0, 20);
+    let mut qs = [0u8; QK_K / 2];
+    for run in 0..4 {
+        for i in 0..32 {
+            qs[run * 32 + i] = l[run * 64 + i] | (l[run * 64 + 32 + i] << 4);
+        }
+    }
+    BlockQ4K {
+        d,
+        dmin,
+        scales,
+        qs,
+    }
+}
+
+pub fn quantize_row(src: &[f32], dst: &mut [BlockQ4K]) {
+    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK_K)) {
+        *b = quantize_block(x);
+    }
+}
+
+/// `d·sc·q − dmin·m`, each product rounded to f32 as the reference (and the
+/// `gguf` package) computes it.
+pub fn dequantize_row(src: &[BlockQ4K], dst: &mut [f32]) {
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d(), b.dmin());
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &b.scales);
+            let (dj, mj) = (d * sc as f32, dmin * m as f32);
+            for i in 32 * j..32 * (j + 1) {
+                y[i] = dj * b.level(i) as f32 - mj;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_on_a_grid_round_trip() {
+        // Every sub-block on its own grid of 16 levels: reconstruction is
+        // then limited only by the 6-bit scales and f16 d.
+        let x: Vec<f32> = (0..QK_K)
+            .map(|i| (i % 16) as f32 * 0.125 - 0.5 * (i / 32) as f32 / 8.0)
+            .collect();
+        let b = quantize_block(&x);
+        let mut y = vec![0.0; QK_K];
+        dequantize_row(&[b], &mut y);
+        let err = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 0.02, "max error {err}");
+    }
+
+    #[test]
+    fn zero_block_is_zero() {
+        let b = quantize_block(&[0.0; QK_K]);
+        let mut y = vec![1.0; QK_K];
+        dequantize_row(&[b], &mut y);
+        assert!(y.iter().all(|&v| v == 0.0));
+    }
+}

@@ -1,0 +1,96 @@
+//! Q5_K: Q4_K with a fifth bit per value (levels 0..=31):
+//! value = d·sc_j·q − dmin·m_j.
+//!
+//! `qs` is laid out as Q4_K's; bit `2i` of `qh[l]` is the high bit of
+//! sub-block `2i`'s value `l`, bit `2i+1` that of sub-block `2i+1`'s
+//! (ggml's `block_q5_K`, 176 bytes, 5.5 bits per weight).
+
+use super::k_search::{quantize_scale_min_super, scale_min_k4, QK_K};
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ5K {
+    pub d: u16,
+    pub dmin: u16,
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+impl BlockQ5K {
+    pub fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
+    pub fn dmin(&self) -> f32 {
+        f16::from_bits(self.dmin).to_f32()
+    }
+    /// Value `i` (0..256) as its 5-bit level.
+    pub fn level(&self, i: usize) -> u8 {
+        let (sub, l) = (i / 32, i % 32);
+        let b = self.qs[(sub / 2) * 32 + l];
+        let low = if sub % 2 == 0 { b & 0x0F } else { b >> 4 };
+        low | (((self.qh[l] >> sub) & 1) << 4)
+    }
+}
+
+/// ggml's `quantize_row_q5_K_ref` for one super-block: levels 0..=31,
+/// scale search from `(31 - 0.5) / range` in 16 steps of 0.1.
+pub fn quantize_block(x: &[f32]) -> BlockQ5K {
+    let (d, dmin, scales, l) = quantize_scale_min_super(x, 31, -0.5, 15);
+    let (mut qs, mut qh) = ([0u8; QK_K / 2], [0u8; QK_K / 8]);
+    for run in 0..4 {
+        for i in 0..32 {
+            let (lo, hi) = (l[run * 64 + i], l[run * 64 + 32 + i]);
+            qs[run * 32 + i] = (lo & 0x0F) | ((hi & 0x0F) << 4);
+            qh[i] |= ((lo >> 4) << (2 * run)) | ((hi >> 4) << (2 * run + 1));
+        }
+    }
+    BlockQ5K {
+        d,
+        dmin,
+        scales,
+        qh,
+        qs,
+    }
+}
+
+pub fn quantize_row(src: &[f32], dst: &mut [BlockQ5K]) {
+    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK_K)) {
+        *b = quantize_block(x);
+    }
+}
+
+pub fn dequantize_row(src: &[BlockQ5K], dst: &mut [f32]) {
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d(), b.dmin());
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &b.scales);
+            let (dj, mj) = (d * sc as f32, dmin * m as f32);
+            for i in 32 * j..32 * (j + 1) {
+                y[i] = dj * b.level(i) as f32 - mj;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn high_bits_land_in_qh_and_round_trip() {
+        let x: Vec<f32> = (0..QK_K).map(|i| ((i * 7) % 32) as f32 * 0.0625).collect();
+        let b = quantize_block(&x);
+        assert!(b.qh.iter().any(|&h| h != 0), "levels above 15 need qh bits");
+        let mut y = vec![0.0; QK_K];
+        dequantize_row(&[b], &mut y);
+        let err = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 0.01, "max error {err}");
+    }
+}
