@@ -338,7 +338,7 @@ fn matmul_q6_k_matches_reference() {
 fn matmul_k_quants_at_saturating_extremes_match_reference() {
     let mut rng = Rng(27);
     let nb = 16;
-    let x = rng.q8_k_blocks(3 * nb, true);
+    let x = rng.q8_k_blocks(9 * nb, true); // 9 tokens: the lane kernel and its partial group
     let q4 = vec![
         BlockQ4K {
             d: rng.scale(),

@@ -46,7 +46,11 @@ fn main() -> anyhow::Result<()> {
         );
         let cols = t.dims[0] as usize;
         let row_bytes = t.ty.row_bytes(cols).expect("valid file");
-        let values: Vec<f32> = bytemuck::pod_collect_to_vec(src.data(s));
+        let values: Vec<f32> = src
+            .data(s)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let theirs = out.data(t);
         let tally = by_type.entry(t.ty.name()).or_default();
         tally.tensors += 1;

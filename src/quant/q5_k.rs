@@ -68,8 +68,8 @@ pub fn dequantize_row(src: &[BlockQ5K], dst: &mut [f32]) {
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &b.scales);
             let (dj, mj) = (d * sc as f32, dmin * m as f32);
-            for i in 32 * j..32 * (j + 1) {
-                y[i] = dj * b.level(i) as f32 - mj;
+            for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
+                *v = dj * b.level(i) as f32 - mj;
             }
         }
     }

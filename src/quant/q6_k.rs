@@ -56,8 +56,8 @@ pub fn quantize_block(x: &[f32]) -> BlockQ6K {
     for (q, &s) in sc.iter_mut().zip(&scales) {
         *q = nearest_int(iscale * s).min(127) as i8;
     }
-    for j in 0..QK_K / 16 {
-        let dj = d.to_f32() * sc[j] as f32;
+    for (j, &scj) in sc.iter().enumerate() {
+        let dj = d.to_f32() * scj as f32;
         if dj == 0.0 {
             // Keeps make_qx's levels, as the reference does.
             continue;

@@ -13,10 +13,11 @@
 //! activation scale per 256 values makes that exact) and converting to
 //! float once per super-block.
 
-use super::{half_to_f32, hsum};
+use super::{half_to_f32, hsum, transpose8x32, LANES};
 use crate::quant::k_search::unpack_scale_min_k4;
 use crate::quant::{BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 /// What a super-block needs once, before its level vectors: the scale
 /// sources, the correction factors and the two float scales.
@@ -38,6 +39,10 @@ pub(super) struct Prep<P> {
 /// a tile keeps two vectors of the block in registers, not sixteen.
 pub(super) trait KBlock: Copy {
     type P: Copy;
+    /// Columns of 4 values the lane kernel adds in 16 bits before scaling:
+    /// as many as stay within one scale and below 2^15 (the `maddubs`
+    /// pairs of a column reach 2 · max level · 127).
+    const CHUNK: usize;
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C (callers are
     /// `target_feature` functions reached only through a detected `Avx2`).
@@ -96,7 +101,7 @@ fn nibbles(qs: &[u8; 128], v: usize) -> __m256i {
     let run = &qs[32 * (v / 2)..32 * (v / 2) + 32];
     // SAFETY: `run` is 32 bytes.
     let q = unsafe { _mm256_loadu_si256(run.as_ptr() as *const __m256i) };
-    let q = if v % 2 == 0 {
+    let q = if v.is_multiple_of(2) {
         q
     } else {
         _mm256_srli_epi16(q, 4)
@@ -106,6 +111,8 @@ fn nibbles(qs: &[u8; 128], v: usize) -> __m256i {
 
 impl KBlock for BlockQ4K {
     type P = __m256i;
+    // 8 · 2 · 15 · 127 = 30480: a whole 32-value sub-block.
+    const CHUNK: usize = 8;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -122,6 +129,8 @@ impl KBlock for BlockQ4K {
 
 impl KBlock for BlockQ5K {
     type P = __m256i;
+    // 4 · 2 · 31 · 127 = 31496: half a sub-block.
+    const CHUNK: usize = 4;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -151,6 +160,8 @@ impl KBlock for BlockQ5K {
 impl KBlock for BlockQ6K {
     /// The 16-bit scales of sub-blocks 0-7 and 8-15, each in both halves.
     type P = [__m256i; 2];
+    // 2 · 2 · 63 · 127 = 32004: half a 16-value sub-block.
+    const CHUNK: usize = 2;
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -300,6 +311,249 @@ unsafe fn step<B: KBlock, const T: usize, const V: usize>(
         let xv = unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) };
         let prod = _mm256_maddubs_epi16(lv, xv);
         *s = _mm256_add_epi32(*s, _mm256_madd_epi16(prod, sv));
+    }
+}
+
+/// From this many tokens on, products use the lane kernel.
+pub(super) const LANES_MIN_TOKENS: usize = 8;
+/// Lane groups (of 8 tokens) per pass of the lane kernel: 4 each of 16-bit
+/// sums, 32-bit sums and float accumulators, the broadcast weight column
+/// and a product fill 14 of the 16 ymm registers.
+const LANE_GROUPS: usize = 4;
+
+/// One super-block of eight tokens' Q8_K activations, transposed for the
+/// lane kernel: `q[k]` holds bytes `4k..4k + 4` of token `t` in 32-bit lane
+/// `t` (as the Q4_0 lane kernel's blocks), `bsums[p]` the 16-value sums
+/// `2p` and `2p + 1` of token `t` as the two 16-bit halves of lane `t`.
+/// Missing tokens of a last, partial group are zeros (scale 0).
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+#[repr(C, align(32))]
+pub(super) struct KLaneBlock {
+    q: [[u8; 32]; 64],
+    bsums: [[u8; 32]; 8],
+    d: [f32; LANES],
+}
+
+/// Packs `n` tokens of `nb` super-blocks (`x.len() == n * nb`) into
+/// `ceil(n / 8) * nb` lane blocks, group-major.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn pack_lanes(x: &[BlockQ8K], nb: usize, n: usize, out: &mut [KLaneBlock]) {
+    let groups = n.div_ceil(LANES);
+    assert!(x.len() == n * nb && out.len() == groups * nb);
+    let load = |b: &[u8]| {
+        let b = &b[..32];
+        // SAFETY: `b` is 32 bytes.
+        unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) }
+    };
+    let store = |dst: &mut [u8; 32], v: __m256i| {
+        // SAFETY: `dst` is 32 bytes, and 32-byte aligned (the struct is).
+        unsafe { _mm256_store_si256(dst.as_mut_ptr() as *mut __m256i, v) }
+    };
+    for g in 0..groups {
+        let tokens = LANES.min(n - g * LANES);
+        for b in 0..nb {
+            let blk = |t: usize| &x[(g * LANES + t) * nb + b];
+            let o = &mut out[g * nb + b];
+            for c in 0..8 {
+                let v = std::array::from_fn(|t| {
+                    if t < tokens {
+                        load(&bytemuck::cast_slice(&blk(t).qs)[32 * c..])
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                });
+                // SAFETY: same features.
+                for (k, q) in unsafe { transpose8x32(v) }.into_iter().enumerate() {
+                    store(&mut o.q[8 * c + k], q);
+                }
+            }
+            let v = std::array::from_fn(|t| {
+                if t < tokens {
+                    load(bytemuck::cast_slice(&blk(t).bsums))
+                } else {
+                    _mm256_setzero_si256()
+                }
+            });
+            // SAFETY: same features.
+            for (p, q) in unsafe { transpose8x32(v) }.into_iter().enumerate() {
+                store(&mut o.bsums[p], q);
+            }
+            o.d = std::array::from_fn(|t| if t < tokens { blk(t).d } else { 0.0 });
+        }
+    }
+}
+
+/// One super-block of a weight row, unpacked for the lane kernel: levels as
+/// bytes, the 16-bit scale of each chunk of columns, the correction's
+/// factor pairs and the two float scales.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(super) struct KRow {
+    levels: [[u8; 32]; 8],
+    c: [i32; 8],
+    sc: [i16; 32],
+    d: f32,
+    coef: f32,
+}
+
+impl KRow {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn unpack<B: KBlock>(b: &B) -> KRow {
+        let mut r = KRow {
+            levels: [[0; 32]; 8],
+            c: [0; 8],
+            sc: [0; 32],
+            d: 0.0,
+            coef: 0.0,
+        };
+        // SAFETY: same features.
+        let p = unsafe { b.prep() };
+        // SAFETY (each): same features, V < 8.
+        let all = unsafe {
+            [
+                b.levels::<0>(&p),
+                b.levels::<1>(&p),
+                b.levels::<2>(&p),
+                b.levels::<3>(&p),
+                b.levels::<4>(&p),
+                b.levels::<5>(&p),
+                b.levels::<6>(&p),
+                b.levels::<7>(&p),
+            ]
+        };
+        let mut lane_scales = [0i16; 16];
+        for (v, (l, s)) in all.into_iter().enumerate() {
+            // SAFETY: 32-byte stores into 32-byte arrays.
+            unsafe {
+                _mm256_storeu_si256(r.levels[v].as_mut_ptr() as *mut __m256i, l);
+                _mm256_storeu_si256(lane_scales.as_mut_ptr() as *mut __m256i, s);
+            }
+            // Chunk q covers values 4·CHUNK·q..: its scale is that of the
+            // `maddubs` lane over its first values.
+            let per_vector = 8 / B::CHUNK;
+            for j in 0..per_vector {
+                let first_value = 4 * B::CHUNK * j;
+                r.sc[v * per_vector + j] = lane_scales[first_value / 16 * 8];
+            }
+        }
+        // SAFETY: 32-byte store into `c` (8 × i32).
+        unsafe { _mm256_storeu_si256(r.c.as_mut_ptr() as *mut __m256i, p.c) };
+        r.d = p.d;
+        r.coef = p.coef;
+        r
+    }
+}
+
+thread_local! {
+    /// Per-thread rows unpacked for the lane kernel, reused.
+    static ROWS: RefCell<Vec<KRow>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Prefill of k-quant rows `w` (`nb` super-blocks each) × `n` tokens packed
+/// by [`pack_lanes`]: each row is unpacked once into L1 and multiplied with
+/// every lane group, four at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matmul_lanes<B: KBlock>(
+    w: &[B],
+    nb: usize,
+    x: &[KLaneBlock],
+    n: usize,
+    out: &mut [f32],
+) {
+    if nb == 0 || n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let groups = n.div_ceil(LANES);
+    assert!(x.len() >= groups * nb && out.len() >= w.len() / nb * n);
+    ROWS.with_borrow_mut(|rows| {
+        for (wr, or) in w.chunks_exact(nb).zip(out.chunks_exact_mut(n)) {
+            rows.clear();
+            rows.extend(wr.iter().map(|b| KRow::unpack(b)));
+            let mut g = 0;
+            while g < groups {
+                let xs = &x[g * nb..];
+                // SAFETY: same features; a pass over G groups reads G · nb
+                // lane blocks, which `x` holds (g + G <= groups).
+                unsafe {
+                    match groups - g {
+                        1 => lane_tile::<B, 1>(rows, xs, nb, or, g * LANES),
+                        2 => lane_tile::<B, 2>(rows, xs, nb, or, g * LANES),
+                        3 => lane_tile::<B, 3>(rows, xs, nb, or, g * LANES),
+                        _ => lane_tile::<B, LANE_GROUPS>(rows, xs, nb, or, g * LANES),
+                    }
+                }
+                g += (groups - g).min(LANE_GROUPS);
+            }
+        }
+    })
+}
+
+/// One unpacked row × `G` lane groups starting at token `t0`. For each
+/// column of 4 values the row's 4 level bytes are broadcast to every lane
+/// and multiplied with that column of 8 tokens by `maddubs`; a chunk's
+/// columns add up in 16 bits, then one `madd` with the chunk's scale
+/// widens them: 8 token products per instruction, where the row-major tile
+/// computes one.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane_tile<B: KBlock, const G: usize>(
+    rows: &[KRow],
+    x: &[KLaneBlock],
+    nb: usize,
+    out: &mut [f32],
+    t0: usize,
+) {
+    assert!(rows.len() == nb && x.len() >= G * nb);
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (b, kr) in rows.iter().enumerate() {
+        let xb: [&KLaneBlock; G] = std::array::from_fn(|g| &x[g * nb + b]);
+        let cols: &[u32; 64] = bytemuck::cast_ref(&kr.levels);
+        let mut isum = [_mm256_setzero_si256(); G];
+        for (q, &sc) in kr.sc[..64 / B::CHUNK].iter().enumerate() {
+            let mut s16 = [_mm256_setzero_si256(); G];
+            for col in q * B::CHUNK..(q + 1) * B::CHUNK {
+                let wb = _mm256_set1_epi32(cols[col] as i32);
+                for g in 0..G {
+                    // SAFETY: a 32-byte aligned load of a 32-byte array.
+                    let xq = unsafe { _mm256_load_si256(xb[g].q[col].as_ptr() as *const __m256i) };
+                    s16[g] = _mm256_add_epi16(s16[g], _mm256_maddubs_epi16(wb, xq));
+                }
+            }
+            let scv = _mm256_set1_epi16(sc);
+            for g in 0..G {
+                isum[g] = _mm256_add_epi32(isum[g], _mm256_madd_epi16(s16[g], scv));
+            }
+        }
+        for g in 0..G {
+            let mut corr = _mm256_setzero_si256();
+            for p in 0..8 {
+                // SAFETY: as above.
+                let bs = unsafe { _mm256_load_si256(xb[g].bsums[p].as_ptr() as *const __m256i) };
+                corr = _mm256_add_epi32(corr, _mm256_madd_epi16(bs, _mm256_set1_epi32(kr.c[p])));
+            }
+            // SAFETY: `d` is 8 f32, 32-byte aligned.
+            let xd = unsafe { _mm256_load_ps(xb[g].d.as_ptr()) };
+            acc[g] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(isum[g]),
+                _mm256_mul_ps(_mm256_set1_ps(kr.d), xd),
+                acc[g],
+            );
+            acc[g] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(corr),
+                _mm256_mul_ps(_mm256_set1_ps(kr.coef), xd),
+                acc[g],
+            );
+        }
+    }
+    for g in 0..G {
+        let mut v = [0.0f32; LANES];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), acc[g]) };
+        super::super::store_lanes(out, t0 + g * LANES, &v);
     }
 }
 

@@ -70,6 +70,15 @@ impl Kernels for Avx2 {
                 unsafe { pack_lanes(&a[..n * nb], nb, n, lanes) };
                 Packed::with_layout(self.name(), w, x, lanes)
             }
+            (GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K, Acts::Q8K(a))
+                if n >= kquants::LANES_MIN_TOKENS =>
+            {
+                let nb = w.cols / crate::quant::QK_K;
+                let lanes = buf.take::<kquants::KLaneBlock>(n.div_ceil(LANES) * nb);
+                // SAFETY: as above.
+                unsafe { kquants::pack_lanes(&a[..n * nb], nb, n, lanes) };
+                Packed::with_layout(self.name(), w, x, lanes)
+            }
             (GgmlType::Q4_0 | GgmlType::Q8_0, Acts::Q8_0(a)) => {
                 let blocks = buf.take::<TokBlock>(n * nb);
                 // SAFETY: as above.
@@ -99,18 +108,15 @@ impl Kernels for Avx2 {
     }
 
     fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+        self.matmul_k(w, nb, x, out)
     }
 
     fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+        self.matmul_k(w, nb, x, out)
     }
 
     fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        // SAFETY: as above.
-        unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+        self.matmul_k(w, nb, x, out)
     }
 
     fn matmul_f16(&self, w: &[f16], cols: usize, x: &[f32], n: usize, out: &mut [f32]) {
@@ -968,5 +974,19 @@ unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     }
     for (y, &x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
         *y += a * x.to_f32();
+    }
+}
+
+impl Avx2 {
+    /// A k-quant product: the lane kernel from [`kquants::LANES_MIN_TOKENS`]
+    /// tokens on (`pack` chose the layout by the same rule).
+    fn matmul_k<B: kquants::KBlock>(&self, w: &[B], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        if x.n >= kquants::LANES_MIN_TOKENS {
+            // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+            unsafe { kquants::matmul_lanes(w, nb, x.layout(), x.n, out) }
+        } else {
+            // SAFETY: as above.
+            unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+        }
     }
 }
