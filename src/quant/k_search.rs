@@ -14,11 +14,19 @@
 /// Values per k-quant super-block (ggml's `QK_K`).
 pub const QK_K: usize = 256;
 
-/// ggml's `nearest_int`: round half to even (its float-bias trick), for the
-/// small magnitudes quantization produces.
+/// ggml's `nearest_int`: round half to even. Adding 1.5·2²³ leaves the
+/// rounded integer in the low mantissa bits (ggml's trick, exact below
+/// 2²²); the searches call this millions of times per matrix, and without
+/// SSE4.1 `round_ties_even` is a libm call (a fifth of the conversion's
+/// time). Larger magnitudes, which quantization does not produce, take
+/// the slow path.
 #[inline]
 pub fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    if v.abs() < 4_194_304.0 {
+        ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+    } else {
+        v.round_ties_even() as i32
+    }
 }
 
 /// Below this every value of a group counts as zero (ggml's `GROUP_MAX_EPS`).
@@ -277,6 +285,31 @@ pub fn quantize_scale_min_super(
         }
     }
     (d.to_bits(), dmin.to_bits(), packed, l)
+}
+
+/// Q4_K/Q5_K values of one super-block: `d·sc·q − dmin·m`, each product
+/// rounded to f32 as the reference (and the `gguf` package) computes it.
+pub fn dequantize_scale_min(
+    d: f32,
+    dmin: f32,
+    scales: &[u8; 12],
+    level: impl Fn(usize) -> u8,
+    y: &mut [f32],
+) {
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (dj, mj) = (d * sc as f32, dmin * m as f32);
+        for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
+            *v = dj * level(i) as f32 - mj;
+        }
+    }
+}
+
+/// Encodes whole blocks of `len` values of `src` into `dst` with `block`.
+pub fn quantize_blocks<B>(src: &[f32], dst: &mut [B], len: usize, block: impl Fn(&[f32]) -> B) {
+    for (b, x) in dst.iter_mut().zip(src.chunks_exact(len)) {
+        *b = block(x);
+    }
 }
 
 #[cfg(test)]

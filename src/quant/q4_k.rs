@@ -6,7 +6,7 @@
 //! sub-block `2i`'s value `l` in its low nibble and sub-block `2i+1`'s in
 //! its high nibble (ggml's `block_q4_K`, 144 bytes, 4.5 bits per weight).
 
-use super::k_search::{quantize_scale_min_super, scale_min_k4, QK_K};
+use super::k_search::{dequantize_scale_min, quantize_blocks, quantize_scale_min_super, QK_K};
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
@@ -59,23 +59,12 @@ pub fn quantize_block(x: &[f32]) -> BlockQ4K {
 }
 
 pub fn quantize_row(src: &[f32], dst: &mut [BlockQ4K]) {
-    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK_K)) {
-        *b = quantize_block(x);
-    }
+    quantize_blocks(src, dst, QK_K, quantize_block)
 }
 
-/// `d·sc·q − dmin·m`, each product rounded to f32 as the reference (and the
-/// `gguf` package) computes it.
 pub fn dequantize_row(src: &[BlockQ4K], dst: &mut [f32]) {
     for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
-        let (d, dmin) = (b.d(), b.dmin());
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, &b.scales);
-            let (dj, mj) = (d * sc as f32, dmin * m as f32);
-            for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
-                *v = dj * b.level(i) as f32 - mj;
-            }
-        }
+        dequantize_scale_min(b.d(), b.dmin(), &b.scales, |i| b.level(i), y);
     }
 }
 

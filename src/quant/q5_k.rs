@@ -5,7 +5,7 @@
 //! sub-block `2i`'s value `l`, bit `2i+1` that of sub-block `2i+1`'s
 //! (ggml's `block_q5_K`, 176 bytes, 5.5 bits per weight).
 
-use super::k_search::{quantize_scale_min_super, scale_min_k4, QK_K};
+use super::k_search::{dequantize_scale_min, quantize_blocks, quantize_scale_min_super, QK_K};
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
@@ -57,21 +57,12 @@ pub fn quantize_block(x: &[f32]) -> BlockQ5K {
 }
 
 pub fn quantize_row(src: &[f32], dst: &mut [BlockQ5K]) {
-    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK_K)) {
-        *b = quantize_block(x);
-    }
+    quantize_blocks(src, dst, QK_K, quantize_block)
 }
 
 pub fn dequantize_row(src: &[BlockQ5K], dst: &mut [f32]) {
     for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
-        let (d, dmin) = (b.d(), b.dmin());
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, &b.scales);
-            let (dj, mj) = (d * sc as f32, dmin * m as f32);
-            for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
-                *v = dj * b.level(i) as f32 - mj;
-            }
-        }
+        dequantize_scale_min(b.d(), b.dmin(), &b.scales, |i| b.level(i), y);
     }
 }
 

@@ -86,9 +86,7 @@ pub fn quantize_block(x: &[f32]) -> BlockQ6K {
 }
 
 pub fn quantize_row(src: &[f32], dst: &mut [BlockQ6K]) {
-    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK_K)) {
-        *b = quantize_block(x);
-    }
+    super::k_search::quantize_blocks(src, dst, QK_K, quantize_block)
 }
 
 /// `(d·sc)·q`, rounded as the reference and the `gguf` package round it.
