@@ -230,7 +230,7 @@ pub(super) unsafe fn matmul<B: KBlock>(
     n: usize,
     out: &mut [f32],
 ) {
-    if nb == 0 {
+    if nb == 0 || n == 0 {
         out.fill(0.0);
         return;
     }
