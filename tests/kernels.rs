@@ -11,7 +11,7 @@
 //! `cargo test --release --test kernels -- --ignored --nocapture --test-threads 1`.
 
 use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, PackBuf, Weight};
-use crystald::quant::k_search::scale_min_k4;
+use crystald::quant::k_search::{scale_min_k4, ScaleMinBlock};
 use crystald::quant::{
     BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType, QK, QK_K,
 };
@@ -253,21 +253,15 @@ const FLOAT_REL: f32 = 1e-5;
 
 /// Q4_K/Q5_K: the magnitudes of the two terms each super-block's float
 /// arithmetic combines, d·Σ sc·|q·x| and dmin·Σ m·|Σx|.
-fn scale_min_k_mag(
-    d: f32,
-    dmin: f32,
-    scales: &[u8; 12],
-    level: impl Fn(usize) -> u8,
-    x: &BlockQ8K,
-) -> f32 {
+fn scale_min_k_mag<B: ScaleMinBlock>(w: &B, x: &BlockQ8K) -> f32 {
     let mut s = 0.0f32;
     for j in 0..8 {
-        let (sc, m) = scale_min_k4(j, scales);
+        let (sc, m) = scale_min_k4(j, w.scales());
         let dot: i32 = (32 * j..32 * j + 32)
-            .map(|i| (level(i) as i32 * x.qs[i] as i32).abs())
+            .map(|i| (w.level(i) as i32 * x.qs[i] as i32).abs())
             .sum();
         let sum = (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32).abs();
-        s += d * (sc as i32 * dot) as f32 + dmin * (m as i32 * sum) as f32;
+        s += w.d() * (sc as i32 * dot) as f32 + w.dmin() * (m as i32 * sum) as f32;
     }
     s * x.d
 }
@@ -311,16 +305,14 @@ fn check_k_quant<B: bytemuck::Pod>(
 
 #[test]
 fn matmul_q4_k_matches_reference() {
-    let mag =
-        |w: &BlockQ4K, x: &BlockQ8K| scale_min_k_mag(w.d(), w.dmin(), &w.scales, |i| w.level(i), x);
+    let mag = scale_min_k_mag::<BlockQ4K>;
     check_k_quant(GgmlType::Q4_K, 21, false, |r, n| r.q4_k_blocks(n), mag);
     check_k_quant(GgmlType::Q4_K, 22, true, |r, n| r.q4_k_blocks(n), mag);
 }
 
 #[test]
 fn matmul_q5_k_matches_reference() {
-    let mag =
-        |w: &BlockQ5K, x: &BlockQ8K| scale_min_k_mag(w.d(), w.dmin(), &w.scales, |i| w.level(i), x);
+    let mag = scale_min_k_mag::<BlockQ5K>;
     check_k_quant(GgmlType::Q5_K, 23, false, |r, n| r.q5_k_blocks(n), mag);
     check_k_quant(GgmlType::Q5_K, 24, true, |r, n| r.q5_k_blocks(n), mag);
 }
@@ -380,28 +372,12 @@ fn matmul_k_quants_at_saturating_extremes_match_reference() {
     };
     check(GgmlType::Q4_K, bytemuck::cast_slice(&q4), &|r, t| {
         (0..nb)
-            .map(|b| {
-                scale_min_k_mag(
-                    q4[r * nb + b].d(),
-                    q4[r * nb + b].dmin(),
-                    &q4[r * nb + b].scales,
-                    |i| q4[r * nb + b].level(i),
-                    &x[t * nb + b],
-                )
-            })
+            .map(|b| scale_min_k_mag(&q4[r * nb + b], &x[t * nb + b]))
             .sum()
     });
     check(GgmlType::Q5_K, bytemuck::cast_slice(&q5), &|r, t| {
         (0..nb)
-            .map(|b| {
-                scale_min_k_mag(
-                    q5[r * nb + b].d(),
-                    q5[r * nb + b].dmin(),
-                    &q5[r * nb + b].scales,
-                    |i| q5[r * nb + b].level(i),
-                    &x[t * nb + b],
-                )
-            })
+            .map(|b| scale_min_k_mag(&q5[r * nb + b], &x[t * nb + b]))
             .sum()
     });
     for q6 in &q6 {

@@ -93,38 +93,9 @@ impl<'a> Weight<'a> {
         &self.data[r * n..(r + 1) * n]
     }
 
-    /// Rows `rows` as Q4_0 blocks (the caller checked the type).
-    pub fn q4_0_rows(&self, rows: Range<usize>) -> &'a [BlockQ4_0] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn q8_0_rows(&self, rows: Range<usize>) -> &'a [BlockQ8_0] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn q4_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ4K] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn q5_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ5K] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn q6_k_rows(&self, rows: Range<usize>) -> &'a [BlockQ6K] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn f16_rows(&self, rows: Range<usize>) -> &'a [f16] {
-        let n = self.row_bytes();
-        bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
-    }
-
-    pub fn f32_rows(&self, rows: Range<usize>) -> &'a [f32] {
+    /// Rows `rows` as blocks (or values) of `T`: the caller checked that
+    /// `T` is the storage of `self.ty`.
+    pub fn rows_as<T: bytemuck::Pod>(&self, rows: Range<usize>) -> &'a [T] {
         let n = self.row_bytes();
         bytemuck::cast_slice(&self.data[rows.start * n..rows.end * n])
     }
@@ -296,29 +267,29 @@ pub trait Kernels: Send + Sync {
         match (w.ty, x.acts) {
             (GgmlType::Q4_0, Acts::Q8_0(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
-                self.matmul_q4_0(w.q4_0_rows(rows), nb, x, out)
+                self.matmul_q4_0(w.rows_as(rows), nb, x, out)
             }
             (GgmlType::Q8_0, Acts::Q8_0(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
-                self.matmul_q8_0(w.q8_0_rows(rows), nb, x, out)
+                self.matmul_q8_0(w.rows_as(rows), nb, x, out)
             }
             (GgmlType::Q4_K, Acts::Q8K(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
-                self.matmul_q4_k(w.q4_k_rows(rows), nb, x, out)
+                self.matmul_q4_k(w.rows_as(rows), nb, x, out)
             }
             (GgmlType::Q5_K, Acts::Q8K(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
-                self.matmul_q5_k(w.q5_k_rows(rows), nb, x, out)
+                self.matmul_q5_k(w.rows_as(rows), nb, x, out)
             }
             (GgmlType::Q6_K, Acts::Q8K(a)) => {
                 assert!(a.len() >= n * nb, "activations too short");
-                self.matmul_q6_k(w.q6_k_rows(rows), nb, x, out)
+                self.matmul_q6_k(w.rows_as(rows), nb, x, out)
             }
             (GgmlType::F16, Acts::F32(a)) => {
-                self.matmul_f16(w.f16_rows(rows), w.cols, &a[..n * w.cols], n, out)
+                self.matmul_f16(w.rows_as(rows), w.cols, &a[..n * w.cols], n, out)
             }
             (GgmlType::F32, Acts::F32(a)) => {
-                self.matmul_f32(w.f32_rows(rows), w.cols, &a[..n * w.cols], n, out)
+                self.matmul_f32(w.rows_as(rows), w.cols, &a[..n * w.cols], n, out)
             }
             (ty, _) => panic!("{ty} weights paired with the wrong activation format"),
         }

@@ -2,7 +2,7 @@
 //! the SIMD kernels are tested against.
 
 use super::{Acts, Kernels, Packed};
-use crate::quant::k_search::scale_min_k4;
+use crate::quant::k_search::{scale_min_k4, ScaleMinBlock};
 use crate::quant::{q8_0, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, QK};
 use half::f16;
 
@@ -38,40 +38,21 @@ pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
 /// Q4_K and Q5_K: per sub-block `j`, `d·sc_j·Σ q·x − dmin·m_j·Σ x`, the
 /// sums over the activation's int8 values (Σ x from its `bsums`), all
 /// sub-blocks of a super-block added in integers before the two scales.
-fn dot_scale_min_q8_k(
-    blocks: impl Iterator<Item = (f32, f32, [u8; 12], impl Fn(usize) -> u8)>,
-    x: &[BlockQ8K],
-) -> f32 {
+pub fn dot_scale_min_q8_k<B: ScaleMinBlock>(w: &[B], x: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
-    for ((d, dmin, scales, level), b) in blocks.zip(x) {
+    for (a, b) in w.iter().zip(x) {
         let (mut isum, mut msum) = (0i32, 0i32);
         for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, &scales);
+            let (sc, m) = scale_min_k4(j, a.scales());
             let dot: i32 = (32 * j..32 * (j + 1))
-                .map(|i| level(i) as i32 * b.qs[i] as i32)
+                .map(|i| a.level(i) as i32 * b.qs[i] as i32)
                 .sum();
             isum += sc as i32 * dot;
             msum += m as i32 * (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32);
         }
-        sum += b.d * (d * isum as f32 - dmin * msum as f32);
+        sum += b.d * (a.d() * isum as f32 - a.dmin() * msum as f32);
     }
     sum
-}
-
-pub fn dot_q4_k_q8_k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
-    dot_scale_min_q8_k(
-        w.iter()
-            .map(|a| (a.d(), a.dmin(), a.scales, move |i| a.level(i))),
-        x,
-    )
-}
-
-pub fn dot_q5_k_q8_k(w: &[BlockQ5K], x: &[BlockQ8K]) -> f32 {
-    dot_scale_min_q8_k(
-        w.iter()
-            .map(|a| (a.d(), a.dmin(), a.scales, move |i| a.level(i))),
-        x,
-    )
 }
 
 /// Q6_K: `d·Σ_j sc_j·Σ (q − 32)·x` over its sixteen 16-value sub-blocks.
@@ -148,11 +129,11 @@ impl Kernels for Scalar {
     }
 
     fn matmul_q4_k(&self, w: &[BlockQ4K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        per_row_token(w, nb, q8k_acts(x), x.n, out, dot_q4_k_q8_k)
+        per_row_token(w, nb, q8k_acts(x), x.n, out, dot_scale_min_q8_k)
     }
 
     fn matmul_q5_k(&self, w: &[BlockQ5K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        per_row_token(w, nb, q8k_acts(x), x.n, out, dot_q5_k_q8_k)
+        per_row_token(w, nb, q8k_acts(x), x.n, out, dot_scale_min_q8_k)
     }
 
     fn matmul_q6_k(&self, w: &[BlockQ6K], nb: usize, x: &Packed<'_>, out: &mut [f32]) {

@@ -287,20 +287,35 @@ pub fn quantize_scale_min_super(
     (d.to_bits(), dmin.to_bits(), packed, l)
 }
 
-/// Q4_K/Q5_K values of one super-block: `d·sc·q − dmin·m`, each product
-/// rounded to f32 as the reference (and the `gguf` package) computes it.
-pub fn dequantize_scale_min(
-    d: f32,
-    dmin: f32,
-    scales: &[u8; 12],
-    level: impl Fn(usize) -> u8,
-    y: &mut [f32],
-) {
-    for j in 0..8 {
-        let (sc, m) = scale_min_k4(j, scales);
-        let (dj, mj) = (d * sc as f32, dmin * m as f32);
-        for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
-            *v = dj * level(i) as f32 - mj;
+/// What Q4_K and Q5_K share: f16 `d` and `dmin`, eight 6-bit scales and
+/// minimums ([`scale_min_k4`]) and a level per value, so that their
+/// dequantization and the scalar products are written once.
+pub trait ScaleMinBlock {
+    /// f16 bits of the super-block scale and minimum scale.
+    fn d_dmin_bits(&self) -> (u16, u16);
+    fn scales(&self) -> &[u8; 12];
+    /// Value `i` (0..256) as its level.
+    fn level(&self, i: usize) -> u8;
+
+    fn d(&self) -> f32 {
+        half::f16::from_bits(self.d_dmin_bits().0).to_f32()
+    }
+    fn dmin(&self) -> f32 {
+        half::f16::from_bits(self.d_dmin_bits().1).to_f32()
+    }
+}
+
+/// Q4_K/Q5_K rows: `d·sc·q − dmin·m`, each product rounded to f32 as the
+/// reference (and the `gguf` package) computes it.
+pub fn dequantize_scale_min<B: ScaleMinBlock>(src: &[B], dst: &mut [f32]) {
+    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (b.d(), b.dmin());
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, b.scales());
+            let (dj, mj) = (d * sc as f32, dmin * m as f32);
+            for (i, v) in y.iter_mut().enumerate().skip(32 * j).take(32) {
+                *v = dj * b.level(i) as f32 - mj;
+            }
         }
     }
 }

@@ -162,8 +162,12 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
         GgmlType::F16 => f16::decode_row(src, dst),
         GgmlType::Q4_0 => q4_0::dequantize_row(bytemuck::cast_slice(src), dst),
         GgmlType::Q8_0 => q8_0::dequantize_row(bytemuck::cast_slice(src), dst),
-        GgmlType::Q4_K => q4_k::dequantize_row(bytemuck::cast_slice(src), dst),
-        GgmlType::Q5_K => q5_k::dequantize_row(bytemuck::cast_slice(src), dst),
+        GgmlType::Q4_K => {
+            k_search::dequantize_scale_min::<BlockQ4K>(bytemuck::cast_slice(src), dst)
+        }
+        GgmlType::Q5_K => {
+            k_search::dequantize_scale_min::<BlockQ5K>(bytemuck::cast_slice(src), dst)
+        }
         GgmlType::Q6_K => q6_k::dequantize_row(bytemuck::cast_slice(src), dst),
     }
 }

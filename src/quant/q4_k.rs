@@ -6,9 +6,8 @@
 //! sub-block `2i`'s value `l` in its low nibble and sub-block `2i+1`'s in
 //! its high nibble (ggml's `block_q4_K`, 144 bytes, 4.5 bits per weight).
 
-use super::k_search::{dequantize_scale_min, quantize_blocks, quantize_scale_min_super, QK_K};
+use super::k_search::{quantize_blocks, quantize_scale_min_super, ScaleMinBlock, QK_K};
 use bytemuck::{Pod, Zeroable};
-use half::f16;
 
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
 #[repr(C)]
@@ -21,15 +20,16 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 
-impl BlockQ4K {
-    pub fn d(&self) -> f32 {
-        f16::from_bits(self.d).to_f32()
+impl ScaleMinBlock for BlockQ4K {
+    fn d_dmin_bits(&self) -> (u16, u16) {
+        (self.d, self.dmin)
     }
-    pub fn dmin(&self) -> f32 {
-        f16::from_bits(self.dmin).to_f32()
+
+    fn scales(&self) -> &[u8; 12] {
+        &self.scales
     }
-    /// Value `i` (0..256) as its 4-bit level.
-    pub fn level(&self, i: usize) -> u8 {
+
+    fn level(&self, i: usize) -> u8 {
         let (run, l) = (i / 64, i % 64);
         let b = self.qs[run * 32 + l % 32];
         if l < 32 {
@@ -62,12 +62,6 @@ pub fn quantize_row(src: &[f32], dst: &mut [BlockQ4K]) {
     quantize_blocks(src, dst, QK_K, quantize_block)
 }
 
-pub fn dequantize_row(src: &[BlockQ4K], dst: &mut [f32]) {
-    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
-        dequantize_scale_min(b.d(), b.dmin(), &b.scales, |i| b.level(i), y);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,7 +75,7 @@ mod tests {
             .collect();
         let b = quantize_block(&x);
         let mut y = vec![0.0; QK_K];
-        dequantize_row(&[b], &mut y);
+        super::super::k_search::dequantize_scale_min(&[b], &mut y);
         let err = x
             .iter()
             .zip(&y)
@@ -94,7 +88,7 @@ mod tests {
     fn zero_block_is_zero() {
         let b = quantize_block(&[0.0; QK_K]);
         let mut y = vec![1.0; QK_K];
-        dequantize_row(&[b], &mut y);
+        super::super::k_search::dequantize_scale_min(&[b], &mut y);
         assert!(y.iter().all(|&v| v == 0.0));
     }
 }

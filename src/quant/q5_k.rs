@@ -5,9 +5,8 @@
 //! sub-block `2i`'s value `l`, bit `2i+1` that of sub-block `2i+1`'s
 //! (ggml's `block_q5_K`, 176 bytes, 5.5 bits per weight).
 
-use super::k_search::{dequantize_scale_min, quantize_blocks, quantize_scale_min_super, QK_K};
+use super::k_search::{quantize_blocks, quantize_scale_min_super, ScaleMinBlock, QK_K};
 use bytemuck::{Pod, Zeroable};
-use half::f16;
 
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
 #[repr(C)]
@@ -19,15 +18,16 @@ pub struct BlockQ5K {
     pub qs: [u8; QK_K / 2],
 }
 
-impl BlockQ5K {
-    pub fn d(&self) -> f32 {
-        f16::from_bits(self.d).to_f32()
+impl ScaleMinBlock for BlockQ5K {
+    fn d_dmin_bits(&self) -> (u16, u16) {
+        (self.d, self.dmin)
     }
-    pub fn dmin(&self) -> f32 {
-        f16::from_bits(self.dmin).to_f32()
+
+    fn scales(&self) -> &[u8; 12] {
+        &self.scales
     }
-    /// Value `i` (0..256) as its 5-bit level.
-    pub fn level(&self, i: usize) -> u8 {
+
+    fn level(&self, i: usize) -> u8 {
         let (sub, l) = (i / 32, i % 32);
         let b = self.qs[(sub / 2) * 32 + l];
         let low = if sub % 2 == 0 { b & 0x0F } else { b >> 4 };
@@ -60,12 +60,6 @@ pub fn quantize_row(src: &[f32], dst: &mut [BlockQ5K]) {
     quantize_blocks(src, dst, QK_K, quantize_block)
 }
 
-pub fn dequantize_row(src: &[BlockQ5K], dst: &mut [f32]) {
-    for (b, y) in src.iter().zip(dst.chunks_exact_mut(QK_K)) {
-        dequantize_scale_min(b.d(), b.dmin(), &b.scales, |i| b.level(i), y);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,7 +70,7 @@ mod tests {
         let b = quantize_block(&x);
         assert!(b.qh.iter().any(|&h| h != 0), "levels above 15 need qh bits");
         let mut y = vec![0.0; QK_K];
-        dequantize_row(&[b], &mut y);
+        super::super::k_search::dequantize_scale_min(&[b], &mut y);
         let err = x
             .iter()
             .zip(&y)

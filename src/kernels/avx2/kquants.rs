@@ -560,7 +560,7 @@ unsafe fn lane_tile<B: KBlock, const G: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QK_K;
+    use crate::quant::{k_search::ScaleMinBlock, QK_K};
 
     /// The per-vector unpacking against the blocks' own accessors.
     #[test]

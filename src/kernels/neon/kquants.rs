@@ -383,7 +383,7 @@ pub(super) unsafe fn matmul_sdot<B: KBlock>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::QK_K;
+    use crate::quant::{k_search::ScaleMinBlock, QK_K};
 
     fn levels(u: &Unpacked) -> Vec<u8> {
         let mut out = vec![0u8; QK_K];
