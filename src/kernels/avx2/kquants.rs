@@ -11,7 +11,9 @@
 //! super-block is unpacked once and multiplied with every token's
 //! activations, adding sub-block products in 32-bit integers (one
 //! activation scale per 256 values makes that exact) and converting to
-//! float once per super-block.
+//! float once per super-block. From 8 tokens on, the lane kernel
+//! ([`matmul_lanes`]) takes over: 8 tokens across the lanes, each row's 4
+//! level bytes broadcast, as the Q4_0 lane kernel does.
 
 use super::{half_to_f32, hsum, transpose8x32, LANES};
 use crate::quant::k_search::unpack_scale_min_k4;

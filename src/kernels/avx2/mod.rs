@@ -43,6 +43,18 @@ impl Avx2 {
             None
         }
     }
+
+    /// A k-quant product: the lane kernel from [`kquants::LANES_MIN_TOKENS`]
+    /// tokens on (`pack` chose the layout by the same rule).
+    fn matmul_k<B: kquants::KBlock>(&self, w: &[B], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
+        if x.n >= kquants::LANES_MIN_TOKENS {
+            // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
+            unsafe { kquants::matmul_lanes(w, nb, x.layout(), x.n, out) }
+        } else {
+            // SAFETY: as above.
+            unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
+        }
+    }
 }
 
 /// Decode tile: rows per pass for one token. Four streams keep the
@@ -62,7 +74,7 @@ impl Kernels for Avx2 {
     }
 
     fn pack<'a>(&self, w: &Weight<'_>, x: Acts<'a>, buf: &'a mut PackBuf) -> Packed<'a> {
-        let (n, nb) = (x.n_tokens(w.cols), w.cols / QK);
+        let (n, nb) = (x.n_tokens(w.cols), w.cols / w.ty.block_size());
         match (w.ty, x) {
             (GgmlType::Q4_0, Acts::Q8_0(a)) if uses_lanes(n) => {
                 let lanes = buf.take::<LaneBlock>(n.div_ceil(LANES) * nb);
@@ -73,7 +85,6 @@ impl Kernels for Avx2 {
             (GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K, Acts::Q8K(a))
                 if n >= kquants::LANES_MIN_TOKENS =>
             {
-                let nb = w.cols / crate::quant::QK_K;
                 let lanes = buf.take::<kquants::KLaneBlock>(n.div_ceil(LANES) * nb);
                 // SAFETY: as above.
                 unsafe { kquants::pack_lanes(&a[..n * nb], nb, n, lanes) };
@@ -974,19 +985,5 @@ unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     }
     for (y, &x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
         *y += a * x.to_f32();
-    }
-}
-
-impl Avx2 {
-    /// A k-quant product: the lane kernel from [`kquants::LANES_MIN_TOKENS`]
-    /// tokens on (`pack` chose the layout by the same rule).
-    fn matmul_k<B: kquants::KBlock>(&self, w: &[B], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
-        if x.n >= kquants::LANES_MIN_TOKENS {
-            // SAFETY: `self` exists only after `detect` saw avx2, fma and f16c.
-            unsafe { kquants::matmul_lanes(w, nb, x.layout(), x.n, out) }
-        } else {
-            // SAFETY: as above.
-            unsafe { kquants::matmul(w, nb, q8k_acts(x), x.n, out) }
-        }
     }
 }

@@ -68,12 +68,7 @@ impl Neon {
             && std::arch::is_aarch64_feature_detected!("dotprod"))
         .then_some(&NEON_DOTPROD)
     }
-}
 
-/// Weight rows per tile: fixed, see the module comment.
-const ROWS: usize = 4;
-
-impl Neon {
     /// The three k-quant products, one driver (see [`kquants`]).
     fn matmul_k<B: kquants::KBlock>(&self, w: &[B], nb: usize, x: &Packed<'_>, out: &mut [f32]) {
         let (x, n) = (q8k_acts(x), x.n);
@@ -87,6 +82,9 @@ impl Neon {
         }
     }
 }
+
+/// Weight rows per tile: fixed, see the module comment.
+const ROWS: usize = 4;
 
 impl Kernels for Neon {
     fn name(&self) -> &'static str {
