@@ -130,6 +130,19 @@ impl Serve {
 /// Writes `src`'s tensors again to `dst` under metadata changed by `edit`,
 /// without a checksum (like files made before checksums were recorded).
 pub fn rewrite_model(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, Value)>)) {
+    rewrite(src, dst, edit, |_, _| {}, false)
+}
+
+/// Writes `src` again to `dst`: metadata changed by `edit_meta`, each
+/// tensor's data passed through `edit_data(name, bytes)`, and a fresh
+/// checksum when `checksum` is set (so the checksum vouches for the edit).
+pub fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit_meta: impl FnOnce(&mut Vec<(String, Value)>),
+    mut edit_data: impl FnMut(&str, &mut [u8]),
+    with_checksum: bool,
+) {
     let g = Gguf::open(src).unwrap();
     let mut meta: Vec<_> = g
         .header
@@ -138,7 +151,7 @@ pub fn rewrite_model(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String,
         .filter(|(k, _)| k != KEY_ALIGNMENT && k != checksum::KEY)
         .cloned()
         .collect();
-    edit(&mut meta);
+    edit_meta(&mut meta);
     let specs = g
         .header
         .tensors
@@ -150,9 +163,22 @@ pub fn rewrite_model(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String,
         })
         .collect();
     let out = std::io::BufWriter::new(std::fs::File::create(dst).unwrap());
-    let mut w = GgufWriter::new(out, &meta, specs, g.header.alignment as usize).unwrap();
-    for t in &g.header.tensors {
-        w.write_data(g.data(t)).unwrap();
+    let align = g.header.alignment as usize;
+    let mut w = if with_checksum {
+        GgufWriter::with_checksum(out, &meta, specs, align)
+    } else {
+        GgufWriter::new(out, &meta, specs, align)
     }
-    w.finish().unwrap().flush().unwrap();
+    .unwrap();
+    for t in &g.header.tensors {
+        let mut data = g.data(t).to_vec();
+        edit_data(&t.name, &mut data);
+        w.write_data(&data).unwrap();
+    }
+    let mut out = if with_checksum {
+        w.finish_with_checksum().unwrap().0
+    } else {
+        w.finish().unwrap()
+    };
+    out.flush().unwrap();
 }
