@@ -854,6 +854,219 @@ fn axpy_f16_matches_reference() {
     }
 }
 
+// ------------------------------------------------ Q8_0 KV cache attention
+
+impl Rng {
+    /// A block scale for the Q8_0 KV cache tests: mostly typical, but also
+    /// 0, f16 subnormals, tiny and huge normals up to f16's largest, and
+    /// negative ones (the kernels must not assume a sign).
+    fn kv_scale(&mut self) -> u16 {
+        let bits = match self.below(8) {
+            0 => 0,
+            1 => 1 + self.below(0x3FF) as u16, // subnormal, 2^-24..2^-14
+            2 => f16::from_f32(1e-4 * (0.1 + self.unit().abs())).to_bits(),
+            3 => f16::MAX.to_bits(),
+            4 => f16::from_f32(100.0 + 30000.0 * self.unit().abs()).to_bits(),
+            _ => self.scale(),
+        };
+        bits | if self.below(6) == 0 { 0x8000 } else { 0 }
+    }
+
+    /// `n` Q8_0 blocks as a KV cache holds them (see [`Rng::kv_scale`]),
+    /// with values over the whole i8 range, -128 included (which
+    /// `quantize_q8_0` never writes), and now and then a block of extremes.
+    fn kv_blocks(&mut self, n: usize) -> Vec<BlockQ8_0> {
+        (0..n)
+            .map(|_| {
+                let extreme = self.below(5) == 0;
+                BlockQ8_0 {
+                    d: self.kv_scale(),
+                    qs: std::array::from_fn(|_| match (extreme, self.below(2)) {
+                        (true, 0) => -128,
+                        (true, _) => 127,
+                        _ => self.next_u64() as i8,
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// `n` activation values scaled by one of tiny, ordinary, large.
+    fn kv_vec(&mut self, n: usize) -> Vec<f32> {
+        let s = [1e-6, 1.0, 1e4][self.below(3) as usize];
+        self.vec(n).into_iter().map(|v| v * s).collect()
+    }
+}
+
+/// The f32 values of Q8_0 blocks, through the library's `dequantize_row`.
+fn dequant_q8_0(b: &[BlockQ8_0]) -> Vec<f32> {
+    let mut out = vec![0.0; QK * b.len()];
+    crystald::quant::dequantize_row(GgmlType::Q8_0, bytemuck::cast_slice(b), &mut out);
+    out
+}
+
+/// Block counts of the Q8_0 attention tests: every count up to 13 (odd and
+/// even, for the kernels that take blocks in pairs), several times each.
+fn kv_cases() -> impl Iterator<Item = usize> {
+    (0..6).flat_map(|_| 1..=13)
+}
+
+#[test]
+fn dot_q8_0_matches_reference() {
+    let mut rng = Rng(30);
+    for nb in kv_cases() {
+        let (a, b) = (rng.kv_vec(QK * nb), rng.kv_blocks(nb));
+        let want = Scalar.dot_q8_0(&a, &b);
+        let mag: f32 = a
+            .iter()
+            .zip(dequant_q8_0(&b))
+            .map(|(x, y)| (x * y).abs())
+            .sum();
+        for k in kernels() {
+            assert_close(
+                &format!("{} dot_q8_0 {nb} blocks", k.name()),
+                &[k.dot_q8_0(&a, &b)],
+                &[want],
+                &[mag],
+                FLOAT_REL,
+            );
+        }
+    }
+}
+
+/// The scalar `axpy_q8_0` rounds `a·(d·q)` (`d·q` is exact); the SIMD sets
+/// round `a·d` once per block and fuse the multiply-add, so an element can
+/// differ by up to about two f32 epsilons of `|y| + |a·x|`.
+#[test]
+fn axpy_q8_0_matches_reference() {
+    let mut rng = Rng(31);
+    for nb in kv_cases() {
+        let x = rng.kv_blocks(nb);
+        let y0 = rng.kv_vec(QK * nb);
+        let a = rng.unit() * [1e-3, 1.0, 30.0][rng.below(3) as usize];
+        let mut want = y0.clone();
+        Scalar.axpy_q8_0(a, &x, &mut want);
+        let mag = axpy_mag(a, dequant_q8_0(&x).into_iter(), &y0);
+        for k in kernels() {
+            let mut got = y0.clone();
+            k.axpy_q8_0(a, &x, &mut got);
+            assert_close(
+                &format!("{} axpy_q8_0 {nb} blocks", k.name()),
+                &got,
+                &want,
+                &mag,
+                4.0 * f32::EPSILON,
+            );
+        }
+    }
+}
+
+/// The oracle itself: the scalar kernels equal dequantizing with
+/// `quant::dequantize_row` and computing in f64, within 1e-6 of the sum of
+/// the terms' magnitudes (dot) or of `|y| + |a·x|` (axpy).
+#[test]
+fn q8_0_attention_oracle_matches_f64_dequantize_then_dot() {
+    let mut rng = Rng(32);
+    for nb in kv_cases() {
+        let (a, b) = (rng.kv_vec(QK * nb), rng.kv_blocks(nb));
+        let x = dequant_q8_0(&b);
+        let exact: f64 = a.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
+        let mag: f64 = a
+            .iter()
+            .zip(&x)
+            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+            .sum();
+        let got = Scalar.dot_q8_0(&a, &b) as f64;
+        assert!(
+            (got - exact).abs() <= 1e-6 * mag + 1e-30,
+            "dot_q8_0 {nb} blocks: {got} vs f64 {exact} (magnitude {mag})"
+        );
+
+        let s = rng.unit() * 3.0;
+        let mut y = a.clone();
+        Scalar.axpy_q8_0(s, &b, &mut y);
+        for (i, ((&got, &y0), &x)) in y.iter().zip(&a).zip(&x).enumerate() {
+            let exact = y0 as f64 + s as f64 * x as f64;
+            let mag = (y0 as f64).abs() + (s as f64 * x as f64).abs();
+            assert!(
+                (got as f64 - exact).abs() <= 1e-6 * mag + 1e-30,
+                "axpy_q8_0 {nb} blocks, element {i}: {got} vs f64 {exact}"
+            );
+        }
+    }
+}
+
+/// What the KV cache does: rows quantized by `quantize_q8_0`, then scored
+/// and summed, at the head sizes models use; every set agrees with the
+/// oracle on its own quantized rows.
+#[test]
+fn q8_0_attention_on_quantized_rows_matches_reference() {
+    let mut rng = Rng(33);
+    for head_dim in [32, 64, 96, 128, 160, 256] {
+        let (q, kv) = (rng.vec(head_dim), rng.vec(head_dim));
+        for k in kernels() {
+            let mut blocks = vec![BlockQ8_0 { d: 0, qs: [0; QK] }; head_dim / QK];
+            k.quantize_q8_0(&kv, &mut blocks);
+            let x = dequant_q8_0(&blocks);
+            let mag: f32 = q.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert_close(
+                &format!("{} dot_q8_0 head_dim {head_dim}", k.name()),
+                &[k.dot_q8_0(&q, &blocks)],
+                &[Scalar.dot_q8_0(&q, &blocks)],
+                &[mag],
+                FLOAT_REL,
+            );
+            let mut want = q.clone();
+            Scalar.axpy_q8_0(0.25, &blocks, &mut want);
+            let mut got = q.clone();
+            k.axpy_q8_0(0.25, &blocks, &mut got);
+            let mag = axpy_mag(0.25, x.into_iter(), &q);
+            assert_close(
+                &format!("{} axpy_q8_0 head_dim {head_dim}", k.name()),
+                &got,
+                &want,
+                &mag,
+                4.0 * f32::EPSILON,
+            );
+        }
+    }
+}
+
+/// The f32 side must hold exactly one value per quantized value: a short or
+/// long row is a caller bug, and every set panics rather than reading or
+/// writing part of it.
+#[test]
+fn q8_0_attention_rejects_mismatched_lengths() {
+    let b = Rng(34).kv_blocks(3);
+    for k in kernels() {
+        for n in [0, 3 * QK - 1, 3 * QK + 1, 4 * QK] {
+            let a = vec![1.0f32; n];
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| k.dot_q8_0(&a, &b)));
+            assert!(
+                r.is_err(),
+                "{}: dot_q8_0 with {n} values for 3 blocks",
+                k.name()
+            );
+            let mut y = a.clone();
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                k.axpy_q8_0(1.0, &b, &mut y)
+            }));
+            assert!(
+                r.is_err(),
+                "{}: axpy_q8_0 with {n} values for 3 blocks",
+                k.name()
+            );
+            assert!(
+                y.iter().all(|&v| v == 1.0),
+                "{}: axpy_q8_0 wrote before panicking",
+                k.name()
+            );
+        }
+        assert_eq!(k.dot_q8_0(&[], &[]), 0.0);
+        k.axpy_q8_0(1.0, &[], &mut []);
+    }
+}
+
 /// Forcing a set this CPU lacks (every build knows the other architecture's
 /// names, so some always are), or a name no set has, is an error that names
 /// what was asked for and lists what is available, never a fallback.
@@ -1090,5 +1303,72 @@ fn bench_prefill() {
                 t * 1e3
             );
         }
+    }
+}
+
+/// Attention over a cached head, one thread: `positions` keys scored with
+/// one query (`dot_*`), then as many values summed (`axpy_*`), for a KV
+/// cache in f32, f16 and Q8_0. Reported per cached position and as KV bytes
+/// read per second (the cache is 4 MB or less in Q8_0/f16, so mostly L2/L3).
+#[test]
+#[ignore]
+fn bench_attention() {
+    let (head_dim, positions) = (128, 4096);
+    let mut rng = Rng(35);
+    let q = rng.vec(head_dim);
+    let rows = rng.vec(head_dim * positions);
+    let rows_f16: Vec<f16> = rows.iter().copied().map(f16::from_f32).collect();
+    let nb = head_dim / QK;
+    let mut rows_q8 = vec![BlockQ8_0 { d: 0, qs: [0; QK] }; nb * positions];
+    Scalar.quantize_q8_0(&rows, &mut rows_q8);
+    let mut scores = vec![0.0f32; positions];
+    let mut out = vec![0.0f32; head_dim];
+    for k in kernels() {
+        let reps = if k.name() == "scalar" { 5 } else { 50 };
+        let report = |what: &str, bytes: usize, t: f64| {
+            println!(
+                "attention {what:<10} head_dim {head_dim} x {positions} {:>12}: {:6.2} ns/position, {:6.2} GB/s",
+                k.name(),
+                t / positions as f64 * 1e9,
+                bytes as f64 / t / 1e9
+            )
+        };
+        let t = best_of(reps, || {
+            for (s, r) in scores.iter_mut().zip(rows.chunks_exact(head_dim)) {
+                *s = k.dot_f32(&q, r);
+            }
+        });
+        report("dot_f32", rows.len() * 4, t);
+        let t = best_of(reps, || {
+            for (s, r) in scores.iter_mut().zip(rows_f16.chunks_exact(head_dim)) {
+                *s = k.dot_f16(&q, r);
+            }
+        });
+        report("dot_f16", rows.len() * 2, t);
+        let t = best_of(reps, || {
+            for (s, r) in scores.iter_mut().zip(rows_q8.chunks_exact(nb)) {
+                *s = k.dot_q8_0(&q, r);
+            }
+        });
+        report("dot_q8_0", rows_q8.len() * 34, t);
+        let t = best_of(reps, || {
+            for r in rows.chunks_exact(head_dim) {
+                k.axpy_f32(1e-4, r, &mut out);
+            }
+        });
+        report("axpy_f32", rows.len() * 4, t);
+        let t = best_of(reps, || {
+            for r in rows_f16.chunks_exact(head_dim) {
+                k.axpy_f16(1e-4, r, &mut out);
+            }
+        });
+        report("axpy_f16", rows.len() * 2, t);
+        let t = best_of(reps, || {
+            for r in rows_q8.chunks_exact(nb) {
+                k.axpy_q8_0(1e-4, r, &mut out);
+            }
+        });
+        report("axpy_q8_0", rows_q8.len() * 34, t);
+        std::hint::black_box((&scores, &out));
     }
 }

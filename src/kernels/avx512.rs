@@ -171,6 +171,14 @@ impl Kernels for Avx512 {
     fn axpy_f16(&self, a: f32, x: &[f16], y: &mut [f32]) {
         self.avx2.axpy_f16(a, x, y)
     }
+
+    fn dot_q8_0(&self, a: &[f32], b: &[BlockQ8_0]) -> f32 {
+        self.avx2.dot_q8_0(a, b)
+    }
+
+    fn axpy_q8_0(&self, a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+        self.avx2.axpy_q8_0(a, x, y)
+    }
 }
 
 // ---------------------------------------------------------------- decode: three blocks per load

@@ -318,6 +318,13 @@ pub trait Kernels: Send + Sync {
     /// `y += a * x`
     fn axpy_f32(&self, a: f32, x: &[f32], y: &mut [f32]);
     fn axpy_f16(&self, a: f32, x: &[f16], y: &mut [f32]);
+
+    /// `a · dequant(b)` for a key row stored as Q8_0 blocks (a Q8_0 KV
+    /// cache): `a` holds exactly `32 * b.len()` values (asserted).
+    fn dot_q8_0(&self, a: &[f32], b: &[BlockQ8_0]) -> f32;
+    /// `y += a * dequant(x)` for a value row stored as Q8_0 blocks: `y`
+    /// holds exactly `32 * x.len()` values (asserted).
+    fn axpy_q8_0(&self, a: f32, x: &[BlockQ8_0], y: &mut [f32]);
 }
 
 /// The implementations this CPU can run, best first.

@@ -79,6 +79,42 @@ pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
+/// `a · dequant(b)`: each value dequantized exactly as
+/// `q8_0::dequantize_row` does (`d * q`, exact in f32), multiplied and
+/// added in order, in f32.
+pub fn dot_q8_0(a: &[f32], b: &[BlockQ8_0]) -> f32 {
+    check_q8_0_len("dot_q8_0", a.len(), b.len());
+    let mut sum = 0.0f32;
+    for (a, b) in a.chunks_exact(QK).zip(b) {
+        let d = b.scale();
+        for (&x, &q) in a.iter().zip(&b.qs) {
+            sum += x * (d * q as f32);
+        }
+    }
+    sum
+}
+
+/// `y += a * dequant(x)`, dequantized as in [`dot_q8_0`].
+pub fn axpy_q8_0(a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+    check_q8_0_len("axpy_q8_0", y.len(), x.len());
+    for (y, b) in y.chunks_exact_mut(QK).zip(x) {
+        let d = b.scale();
+        for (y, &q) in y.iter_mut().zip(&b.qs) {
+            *y += a * (d * q as f32);
+        }
+    }
+}
+
+/// The length contract of the Q8_0 attention kernels, shared by every set:
+/// the f32 side holds exactly one value per quantized value.
+pub(crate) fn check_q8_0_len(what: &str, values: usize, blocks: usize) {
+    assert!(
+        values == QK * blocks,
+        "{what}: {values} f32 values for {blocks} Q8_0 blocks (want {})",
+        QK * blocks
+    );
+}
+
 /// `out[r * n + t] = dot(w row r, x token t)`, rows and tokens `len` long.
 fn per_row_token<W, X>(
     w: &[W],
@@ -170,5 +206,13 @@ impl Kernels for Scalar {
         for (y, x) in y.iter_mut().zip(x) {
             *y += a * x.to_f32();
         }
+    }
+
+    fn dot_q8_0(&self, a: &[f32], b: &[BlockQ8_0]) -> f32 {
+        dot_q8_0(a, b)
+    }
+
+    fn axpy_q8_0(&self, a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+        axpy_q8_0(a, x, y)
     }
 }

@@ -16,7 +16,7 @@
 
 mod kquants;
 
-use super::scalar::q8k_acts;
+use super::scalar::{check_q8_0_len, q8k_acts};
 use super::{Acts, Kernels, PackBuf, Packed, Weight};
 use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType, QK};
 use half::f16;
@@ -170,6 +170,18 @@ impl Kernels for Avx2 {
         let n = x.len().min(y.len());
         // SAFETY: as above.
         unsafe { axpy(a, &x[..n], &mut y[..n]) }
+    }
+
+    fn dot_q8_0(&self, a: &[f32], b: &[BlockQ8_0]) -> f32 {
+        check_q8_0_len("dot_q8_0", a.len(), b.len());
+        // SAFETY: CPU features as above; the loads are bounds-checked slices.
+        unsafe { dot_q8_0(a, b) }
+    }
+
+    fn axpy_q8_0(&self, a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+        check_q8_0_len("axpy_q8_0", y.len(), x.len());
+        // SAFETY: as above.
+        unsafe { axpy_q8_0(a, x, y) }
     }
 }
 
@@ -985,5 +997,67 @@ unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     }
     for (y, &x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
         *y += a * x.to_f32();
+    }
+}
+
+/// Eight i8 from `q[..8]` (`q` is cut to 8, so the load cannot leave it),
+/// sign-extended and converted to f32 (`vpmovsxbd` + `vcvtdq2ps`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8x8(q: &[i8]) -> __m256 {
+    let q = &q[..8];
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().cast())))
+}
+
+/// `Σ a[i]·q[i]` of one Q8_0 block, lane-wise and not yet scaled: two
+/// independent chains of two, so the block's work overlaps the next's.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_dot_q8(a: &[f32; QK], q: &[i8; QK]) -> __m256 {
+    let s0 = _mm256_mul_ps(load8(&a[..]), q8x8(&q[..]));
+    let s1 = _mm256_mul_ps(load8(&a[8..]), q8x8(&q[8..]));
+    let s0 = _mm256_fmadd_ps(load8(&a[16..]), q8x8(&q[16..]), s0);
+    let s1 = _mm256_fmadd_ps(load8(&a[24..]), q8x8(&q[24..]), s1);
+    _mm256_add_ps(s0, s1)
+}
+
+/// `a · dequant(b)` for a Q8_0 key row (`a.len() == 32 * b.len()`, checked
+/// by the caller; a shorter `a` would only end the sum early). Each block's
+/// unscaled sum is multiplied by its scale in one FMA into one of two
+/// accumulators (even and odd blocks), so the only loop-carried chains are
+/// two FMAs per block pair: the int→float conversion, not latency, bounds
+/// the loop.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0(a: &[f32], b: &[BlockQ8_0]) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let (mut a64, mut b2) = (a.chunks_exact(2 * QK), b.chunks_exact(2));
+    // Loops, not iterator closures: closures may not inherit the target features.
+    for (a, b) in (&mut a64).zip(&mut b2) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let a: &[f32; QK] = a[k * QK..(k + 1) * QK].try_into().expect("QK values");
+            let s = block_dot_q8(a, &b[k].qs);
+            *acc = _mm256_fmadd_ps(s, scale8(b[k].d), *acc);
+        }
+    }
+    if let ([last], Ok(a)) = (b2.remainder(), <&[f32; QK]>::try_from(a64.remainder())) {
+        acc[0] = _mm256_fmadd_ps(block_dot_q8(a, &last.qs), scale8(last.d), acc[0]);
+    }
+    hsum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// `y += a·dequant(x)` for a Q8_0 value row (`y.len() == 32 * x.len()`,
+/// checked by the caller). `a` times the block scale once per block, then
+/// one FMA per eight values: `(a·d)·q` where the scalar oracle computes
+/// `a·(d·q)`, which differs by one rounding of the product.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_q8_0(a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+    let av = _mm256_set1_ps(a);
+    for (b, y) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let ad = _mm256_mul_ps(av, scale8(b.d));
+        for (q, y) in b.qs.chunks_exact(8).zip(y.chunks_exact_mut(8)) {
+            let r = _mm256_fmadd_ps(ad, q8x8(q), load8(y));
+            // SAFETY: an eight-lane store into the eight-element chunk.
+            _mm256_storeu_ps(y.as_mut_ptr(), r);
+        }
     }
 }

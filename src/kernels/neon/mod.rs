@@ -37,7 +37,7 @@
 //! list (or, for `#[inline(always)]` helpers, in its caller's), and every
 //! raw load reads a fixed-size array or a slice cut to the loaded length.
 
-use super::scalar::{q8_acts, q8k_acts};
+use super::scalar::{check_q8_0_len, q8_acts, q8k_acts};
 use super::{Kernels, Packed};
 use crate::quant::{BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, QK};
 use half::f16;
@@ -169,6 +169,18 @@ impl Kernels for Neon {
         let n = x.len().min(y.len());
         // SAFETY: as above.
         unsafe { axpy(a, &x[..n], &mut y[..n]) }
+    }
+
+    fn dot_q8_0(&self, a: &[f32], b: &[BlockQ8_0]) -> f32 {
+        check_q8_0_len("dot_q8_0", a.len(), b.len());
+        // SAFETY: NEON was detected; float code is the same in both variants.
+        unsafe { dot_q8_0(a, b) }
+    }
+
+    fn axpy_q8_0(&self, a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+        check_q8_0_len("axpy_q8_0", y.len(), x.len());
+        // SAFETY: as above.
+        unsafe { axpy_q8_0(a, x, y) }
     }
 }
 
@@ -435,7 +447,7 @@ unsafe fn quant_matmul<W: QBlock, D: IntDot>(
         out.fill(0.0);
         return;
     }
-    assert!(x.len() == n * nb && w.len() % nb == 0);
+    assert!(x.len() == n * nb && w.len().is_multiple_of(nb));
     let rows = w.len() / nb;
     assert!(out.len() >= rows * n);
     // Converted once here instead of once per weight row.
@@ -619,7 +631,7 @@ unsafe fn float_matmul<E: FloatElem>(w: &[E], cols: usize, x: &[f32], n: usize, 
         out.fill(0.0);
         return;
     }
-    assert!(x.len() == n * cols && w.len() % cols == 0);
+    assert!(x.len() == n * cols && w.len().is_multiple_of(cols));
     let rows = w.len() / cols;
     assert!(out.len() >= rows * n);
     let mut r0 = 0;
@@ -771,5 +783,84 @@ unsafe fn axpy<E: FloatElem>(a: f32, x: &[E], y: &mut [f32]) {
     }
     for (y, x) in y8.into_remainder().iter_mut().zip(x8.remainder()) {
         *y += a * x.to_f32();
+    }
+}
+
+/// A Q8_0 block's 32 values as eight f32 vectors: `sxtl` to i16, `sxtl` to
+/// i32, `scvtf`; all in registers after the two 16-byte loads.
+#[inline(always)]
+unsafe fn q8_to_f32(qs: &[i8; QK]) -> [float32x4_t; 8] {
+    let [lo, hi] = load_q8(qs);
+    let h = [
+        vmovl_s8(vget_low_s8(lo)),
+        vmovl_high_s8(lo),
+        vmovl_s8(vget_low_s8(hi)),
+        vmovl_high_s8(hi),
+    ];
+    let mut out = [vdupq_n_f32(0.0); 8];
+    for (i, &h) in h.iter().enumerate() {
+        out[2 * i] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+        out[2 * i + 1] = vcvtq_f32_s32(vmovl_high_s16(h));
+    }
+    out
+}
+
+/// A block scale (f16 bits) in all four lanes, converted with `fcvtl`.
+#[inline(always)]
+unsafe fn scale4(bits: u16) -> float32x4_t {
+    f16x4_to_f32(vdup_n_u16(bits))
+}
+
+/// `Σ a[i]·q[i]` of one block, lane-wise and unscaled: four independent
+/// chains of two (`fmul`, `fmla`), then their sum.
+#[inline(always)]
+unsafe fn block_dot_q8(a: &[f32; QK], qs: &[i8; QK]) -> float32x4_t {
+    let q = q8_to_f32(qs);
+    let mut s = [vdupq_n_f32(0.0); 4];
+    for (k, s) in s.iter_mut().enumerate() {
+        // SAFETY: lanes 4k..4k+4 and 4k+16..4k+20 of the 32-element array, k < 4.
+        let (x0, x1) = (
+            vld1q_f32(a.as_ptr().add(4 * k)),
+            vld1q_f32(a.as_ptr().add(4 * k + 16)),
+        );
+        *s = vfmaq_f32(vmulq_f32(x0, q[k]), x1, q[k + 4]);
+    }
+    vaddq_f32(vaddq_f32(s[0], s[1]), vaddq_f32(s[2], s[3]))
+}
+
+/// `a · dequant(b)` for a Q8_0 key row (`a.len() == 32 * b.len()`, checked
+/// by the caller). Each block's unscaled sum goes into one of two
+/// accumulators (even and odd blocks) with one `fmla` by its scale, so the
+/// loop-carried chains are short and the widening and conversion bound it.
+#[target_feature(enable = "neon")]
+unsafe fn dot_q8_0(a: &[f32], b: &[BlockQ8_0]) -> f32 {
+    let mut acc = [vdupq_n_f32(0.0); 2];
+    let (mut a64, mut b2) = (a.chunks_exact(2 * QK), b.chunks_exact(2));
+    for (a, b) in (&mut a64).zip(&mut b2) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let a: &[f32; QK] = a[k * QK..(k + 1) * QK].try_into().expect("QK values");
+            *acc = vfmaq_f32(*acc, block_dot_q8(a, &b[k].qs), scale4(b[k].d));
+        }
+    }
+    if let ([last], Ok(a)) = (b2.remainder(), <&[f32; QK]>::try_from(a64.remainder())) {
+        acc[0] = vfmaq_f32(acc[0], block_dot_q8(a, &last.qs), scale4(last.d));
+    }
+    vaddvq_f32(vaddq_f32(acc[0], acc[1]))
+}
+
+/// `y += a·dequant(x)` for a Q8_0 value row (`y.len() == 32 * x.len()`,
+/// checked by the caller): `a` times the block scale once per block, then
+/// one `fmla` per four values (`(a·d)·q`; the oracle's `a·(d·q)` differs by
+/// one rounding of the product).
+#[target_feature(enable = "neon")]
+unsafe fn axpy_q8_0(a: f32, x: &[BlockQ8_0], y: &mut [f32]) {
+    let av = vdupq_n_f32(a);
+    for (b, y) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let ad = vmulq_f32(av, scale4(b.d));
+        let q = q8_to_f32(&b.qs);
+        for (q, y) in q.iter().zip(y.chunks_exact_mut(4)) {
+            // SAFETY: a 4-lane load and store of the 4-element chunk.
+            vst1q_f32(y.as_mut_ptr(), vfmaq_f32(vld1q_f32(y.as_ptr()), ad, *q));
+        }
     }
 }
