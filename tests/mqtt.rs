@@ -602,3 +602,313 @@ fn v311_with_the_limit_at_the_broker_the_daemon_never_sees_a_big_message() {
     );
     assert!(peak_rss(&d).saturating_sub(before) < (BIG / 4) as u64);
 }
+
+// ----- fleets: shared subscriptions -----------------------------------------
+
+/// A broker for fleets: also holds 3.1.1 members to the daemon's
+/// `queue_size`, as the README advises, since 3.1.1 cannot state a Receive
+/// Maximum.
+fn fleet_broker() -> Broker {
+    Broker::with_listener(|_, port| {
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 24\n")
+    })
+}
+
+/// Room for every request a member gets in these tests, so that none is
+/// refused as `busy` (Mosquitto 2.0.11 holds to the Receive Maximum only
+/// for the first window; see the README).
+const FLEET_QUEUE: &str = "queue_size = 24";
+
+/// A member of group `fleet` (joined with the flag) serving
+/// [`PREFIX`]`/request`; not waited for.
+fn fleet_member_with(url: &str, client_id: &str, protocol: &str, queue: &str) -> Daemon {
+    Daemon::spawn_config(
+        &format!(
+            "{queue}\n[mqtt]\nprefix = \"{PREFIX}\"\nclient_id = \"{client_id}\"\n\
+             protocol = \"{protocol}\"\nstatus_interval_s = 1\n"
+        ),
+        &["--mqtt-url", url, "--mqtt-share-group", "fleet"],
+    )
+}
+
+fn fleet_member(url: &str, client_id: &str, protocol: &str) -> Daemon {
+    fleet_member_with(url, client_id, protocol, FLEET_QUEUE)
+}
+
+/// Ids a daemon accepted from MQTT, from its debug log.
+fn taken(d: &Daemon) -> BTreeSet<String> {
+    d.log()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("mqtt: request \"").nth(1)?;
+            let (id, tail) = rest.split_once('"')?;
+            (tail.trim() == "queued").then(|| id.to_string())
+        })
+        .collect()
+}
+
+/// Publishes a request of id `id` from `c`. MQTT 5 clients name a response
+/// topic too, but a 3.1.1 member never sees it, so every request carries
+/// `reply_to` (the README's advice for mixed fleets).
+fn ask_fleet(c: &Peer, id: &str, inbox: &str, max_tokens: u64) {
+    let mut req = greedy(json!(id), "Once upon a time", max_tokens);
+    req["reply_to"] = json!(inbox);
+    match c.handle {
+        Handle::V5(_) => c.publish_with(
+            &request_topic(),
+            req.to_string().into_bytes(),
+            Some((inbox, id.as_bytes())),
+            false,
+        ),
+        Handle::V4(_) => c.publish(&request_topic(), req.to_string()),
+    }
+}
+
+/// Final events by id until `want` ids are answered or nothing arrives for
+/// `quiet`; a second final event for an id fails the test.
+fn collect_finals(
+    clients: &[&Peer],
+    want: usize,
+    quiet: Duration,
+    finals: &mut HashMap<String, Value>,
+) {
+    let mut last = Instant::now();
+    while finals.len() < want && last.elapsed() < quiet {
+        for c in clients {
+            while let Ok(g) = c.rx.try_recv() {
+                if g.body["event"] == "token" {
+                    continue;
+                }
+                let id = g.body["id"].as_str().unwrap().to_string();
+                if let Some(v5_corr) = &g.correlation {
+                    assert_eq!(v5_corr, id.as_bytes(), "correlation data of {id}");
+                }
+                assert!(
+                    finals.insert(id.clone(), g.body.clone()).is_none(),
+                    "{id} answered twice: {:?}",
+                    g.body
+                );
+                last = Instant::now();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The retained status of each member that has one, by topic.
+fn fleet_statuses(port: u16, want: usize) -> HashMap<String, Value> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let w = Peer::v5(
+        port,
+        &format!("fleet-watcher-{n}"),
+        &[&format!("{PREFIX}/status/+")],
+        false,
+    );
+    let mut got = HashMap::new();
+    while got.len() < want {
+        let g = w.recv();
+        assert!(g.retain, "{:?}", g.body);
+        got.insert(g.topic, g.body);
+    }
+    got
+}
+
+#[test]
+fn a_fleet_answers_each_request_once_and_every_member_takes_some() {
+    let broker = fleet_broker();
+    let url = broker.url();
+    let members = [
+        fleet_member(&url, "m5-a", "5"),
+        fleet_member(&url, "m5-b", "5"),
+        fleet_member(&url, "m311", "3.1.1"),
+    ];
+    for m in &members {
+        let log = m.wait_log("mqtt: connected");
+        assert!(log.contains("$share/fleet/crystal/test/request"), "{log}");
+    }
+    // One status topic per member, none overwriting another.
+    let st = fleet_statuses(broker.port, 3);
+    for id in ["m5-a", "m5-b", "m311"] {
+        let s = &st[&format!("{PREFIX}/status/{id}")];
+        assert_eq!(s["state"], "online", "{s}");
+    }
+    let v5 = Peer::v5(broker.port, "fleet-app-5", &["app5/in"], false);
+    let v4 = Peer::v4(broker.port, "fleet-app-4", &["app4/in"]);
+    let ids: Vec<String> = (0..60).map(|i| format!("r{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        if i.is_multiple_of(2) {
+            ask_fleet(&v5, id, "app5/in", 8);
+        } else {
+            ask_fleet(&v4, id, "app4/in", 8);
+        }
+    }
+    let mut finals = HashMap::new();
+    collect_finals(&[&v5, &v4], ids.len(), WAIT, &mut finals);
+    // Duplicates would come late, if at all.
+    collect_finals(
+        &[&v5, &v4],
+        ids.len() + 1,
+        Duration::from_secs(1),
+        &mut finals,
+    );
+    assert_eq!(finals.len(), ids.len(), "unanswered: {finals:?}");
+    for (id, f) in &finals {
+        // Flow control: nobody was sent more than it can hold, so no `busy`.
+        assert_eq!(f["event"], "done", "{id}: {f}");
+    }
+    // Each request was taken by exactly one member, and each took some.
+    let sets: Vec<BTreeSet<String>> = members.iter().map(taken).collect();
+    let mut all = BTreeSet::new();
+    for (m, s) in members.iter().zip(&sets) {
+        assert!(!s.is_empty(), "a member answered nothing: {}", m.log());
+        for id in s {
+            assert!(all.insert(id.clone()), "{id} taken twice");
+        }
+    }
+    assert_eq!(all, ids.iter().cloned().collect::<BTreeSet<_>>());
+    println!(
+        "taken: {:?}",
+        sets.iter().map(|s| s.len()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_killed_fleet_member_loses_the_requests_it_held_and_the_others_serve_on() {
+    let broker = fleet_broker();
+    let url = broker.url();
+    let mut members = [
+        fleet_member(&url, "victim", "5"),
+        fleet_member(&url, "keeper-5", "5"),
+        fleet_member(&url, "keeper-311", "3.1.1"),
+    ];
+    for m in &members {
+        m.wait_log("mqtt: connected");
+    }
+    let v5 = Peer::v5(broker.port, "kill-app-5", &["k5/in"], false);
+    let v4 = Peer::v4(broker.port, "kill-app-4", &["k4/in"]);
+    let ask = |id: &str, i: usize, max_tokens| {
+        if i.is_multiple_of(2) {
+            ask_fleet(&v5, id, "k5/in", max_tokens)
+        } else {
+            ask_fleet(&v4, id, "k4/in", max_tokens)
+        }
+    };
+    // Wave 1: longer requests, so the victim holds some when it dies.
+    let wave1: Vec<String> = (0..30).map(|i| format!("w1-{i}")).collect();
+    for (i, id) in wave1.iter().enumerate() {
+        ask(id, i, 96);
+    }
+    let until = Instant::now() + WAIT;
+    while taken(&members[0]).len() < 3 {
+        assert!(Instant::now() < until, "{}", members[0].log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&members[0].child, nix::sys::signal::Signal::SIGKILL);
+    members[0].wait_exit();
+    let held = taken(&members[0]);
+    // The broker saw the connection close: the Last Will marks the member
+    // offline on its own status topic, and its session (with its
+    // subscription) is gone.
+    let until = Instant::now() + WAIT;
+    loop {
+        let s = &fleet_statuses(broker.port, 3)[&format!("{PREFIX}/status/victim")];
+        if s["state"] == "offline" {
+            assert_eq!(s["reason"], "connection lost");
+            break;
+        }
+        assert!(Instant::now() < until, "status stayed {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Wave 2, after the broker noticed: every request goes to the others.
+    let wave2: Vec<String> = (0..30).map(|i| format!("w2-{i}")).collect();
+    for (i, id) in wave2.iter().enumerate() {
+        ask(id, i, 8);
+    }
+    let mut finals = HashMap::new();
+    collect_finals(&[&v5, &v4], 60, Duration::from_secs(5), &mut finals);
+    let survivors: BTreeSet<String> = members[1..].iter().flat_map(taken).collect();
+    for id in &wave2 {
+        assert_eq!(finals[id]["event"], "done", "{id}: {:?}", finals.get(id));
+        assert!(survivors.contains(id), "{id} not served by a survivor");
+    }
+    // What the victim held, or the broker held for it, got nothing: no
+    // reply, no error, and no other member saw it.
+    let lost: Vec<&String> = wave1
+        .iter()
+        .filter(|id| !finals.contains_key(*id))
+        .collect();
+    assert!(!lost.is_empty(), "the victim held nothing when killed");
+    for id in &lost {
+        assert!(!survivors.contains(*id), "{id} was taken by a survivor");
+    }
+    // Lost: those it had accepted and not answered, and those the broker
+    // had queued for it (never accepted).
+    let lost_held = lost.iter().filter(|id| held.contains(**id)).count();
+    println!(
+        "victim accepted {} before dying; lost {} of wave 1 ({lost_held} accepted by it, \
+         {} not yet accepted by it): {lost:?}",
+        held.len(),
+        lost.len(),
+        lost.len() - lost_held
+    );
+    // The client's remedy: after its timeout, publish again (the same id
+    // is fine: no survivor has seen it). Each is answered once.
+    let again: Vec<String> = lost.iter().map(|s| s.to_string()).collect();
+    for (i, id) in again.iter().enumerate() {
+        ask(id, i, 8);
+    }
+    collect_finals(&[&v5, &v4], 60, WAIT, &mut finals);
+    collect_finals(&[&v5, &v4], 61, Duration::from_secs(1), &mut finals);
+    assert_eq!(finals.len(), 60);
+    assert!(finals.values().all(|f| f["event"] == "done"), "{finals:?}");
+}
+
+#[test]
+fn a_fleet_member_is_sent_no_more_requests_than_it_can_hold() {
+    let broker = fleet_broker();
+    // A Receive Maximum of 2.
+    let d = fleet_member_with(&broker.url(), "small", "5", "queue_size = 2");
+    let log = d.wait_log("mqtt: connected");
+    assert!(log.contains("(at most 2 unacknowledged)"), "{log}");
+    let c = Peer::v5(broker.port, "eager", &["eager/in"], false);
+    let ids: Vec<String> = (0..4).map(|i| format!("e{i}")).collect();
+    for id in &ids {
+        ask_fleet(&c, id, "eager/in", 300);
+    }
+    // Until the first reply, the broker holds the rest: the member has
+    // taken two and refused none.
+    let mut finals = HashMap::new();
+    let mut full = false;
+    let until = Instant::now() + WAIT;
+    while finals.is_empty() {
+        let n = taken(&d).len();
+        // A third request can only follow an acknowledgement, which
+        // follows a reply; give that reply time to reach the client.
+        collect_finals(&[&c], 1, Duration::from_millis(200), &mut finals);
+        if finals.is_empty() {
+            assert!(n <= 2, "sent {n} before any was done: {}", d.log());
+            full |= n == 2;
+        }
+        assert!(Instant::now() < until);
+    }
+    assert!(
+        full,
+        "the first reply came before the window filled: {finals:?} {}",
+        d.log()
+    );
+    assert!(!d.log().contains("refused"), "{}", d.log());
+    // Then every request is answered once: `done`, or `busy` where
+    // Mosquitto 2.0.11 sent more than the window after an acknowledgement.
+    collect_finals(&[&c], ids.len(), WAIT, &mut finals);
+    collect_finals(
+        &[&c],
+        ids.len() + 1,
+        Duration::from_millis(500),
+        &mut finals,
+    );
+    assert_eq!(finals.len(), ids.len(), "{finals:?}");
+    for f in finals.values() {
+        assert!(f["event"] == "done" || f["code"] == "busy", "{f}");
+    }
+}

@@ -26,6 +26,9 @@ pub struct Received {
     /// MQTT 5 Response Topic, as sent (not yet validated).
     pub response_topic: Option<String>,
     pub correlation: Option<Vec<u8>>,
+    /// Under manual acknowledgement, a QoS 1/2 message's packet id and
+    /// QoS: the transport acknowledges it with [`Client::ack`].
+    pub ack: Option<(u16, u8)>,
 }
 
 /// What the transport needs to know of the connection's progress.
@@ -42,6 +45,8 @@ pub enum LinkEvent {
     Published(u16),
     /// The broker confirmed the publish with this packet id.
     Confirmed(u16),
+    /// The broker refused the subscription, for this reason.
+    SubscribeRefused(String),
     /// Our DISCONNECT went out.
     Disconnected,
     Other,
@@ -58,6 +63,8 @@ pub struct Connection {
     clean: bool,
     /// Set by an oversized packet until the next connection is up.
     dropped_oversize: Option<usize>,
+    /// Received messages are acknowledged by the transport, not rumqttc.
+    manual_acks: bool,
 }
 
 enum Inner {
@@ -70,14 +77,19 @@ enum Inner {
 const CHANNEL: usize = 64;
 
 /// The client and its connection, not connected yet: the connection
-/// connects when first polled.
-pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
+/// connects when first polled. Under flow control
+/// ([`Settings::flow_control`]) received messages are acknowledged by the
+/// transport, and an MQTT 5 broker is told to send at most `capacity`
+/// unacknowledged ones (the Receive Maximum).
+pub fn open(s: &Settings, will: Message, capacity: usize) -> (Client, Connection) {
     let keep_alive = Duration::from_secs(s.keep_alive_s.max(5));
     let clean = s.session_expiry_s == 0;
+    let manual_acks = s.flow_control();
     let wrap = |inner| Connection {
         inner,
         clean,
         dropped_oversize: None,
+        manual_acks,
     };
     match s.protocol {
         Protocol::V5 => {
@@ -97,6 +109,10 @@ pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
                 ));
             if s.session_expiry_s > 0 {
                 o.set_session_expiry_interval(Some(s.session_expiry_s));
+            }
+            if manual_acks {
+                let max = capacity.clamp(1, u16::MAX as usize) as u16;
+                o.set_manual_acks(true).set_receive_maximum(Some(max));
             }
             if let Some(user) = &s.username {
                 o.set_credentials(user, s.password.as_deref().unwrap_or(""));
@@ -122,6 +138,9 @@ pub fn open(s: &Settings, will: Message) -> (Client, Connection) {
                     qos4(s.qos),
                     will.retain,
                 ));
+            // No Receive Maximum in 3.1.1: the broker's own limit applies
+            // (Mosquitto: max_inflight_messages).
+            o.set_manual_acks(manual_acks);
             if let Some(user) = &s.username {
                 o.set_credentials(user, s.password.as_deref().unwrap_or(""));
             }
@@ -182,6 +201,23 @@ impl Client {
         }
     }
 
+    /// Acknowledges a received message (manual acknowledgement) without
+    /// blocking; false when the connection's channel is full.
+    pub fn ack(&self, pkid: u16, qos: u8) -> bool {
+        match self {
+            Client::V5(c) => {
+                let mut p = p5::Publish::new("", qos5(qos), Vec::new(), None);
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", qos4(qos), Vec::new());
+                p.pkid = pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
+
     pub fn subscribe(&self, topic: &str, qos: u8) -> Result<(), String> {
         match self {
             Client::V5(c) => c.try_subscribe(topic, qos5(qos)).map_err(|e| e.to_string()),
@@ -229,13 +265,14 @@ impl Connection {
     /// that message (and without any others queued for the old one), and
     /// the ones after it are persistent again.
     pub fn next(&mut self) -> Option<Result<LinkEvent, LinkError>> {
+        let manual = self.manual_acks;
         let (ev, oversize) = match &mut self.inner {
             Inner::V5(c) => match c.recv().ok()? {
-                Ok(ev) => (Ok(event5(ev)), None),
+                Ok(ev) => (Ok(event5(ev, manual)), None),
                 Err(e) => (Err(error5(&e)), oversize5(&e)),
             },
             Inner::V4(c) => match c.recv().ok()? {
-                Ok(ev) => (Ok(event4(ev)), None),
+                Ok(ev) => (Ok(event4(ev, manual)), None),
                 Err(e) => (Err(error4(&e)), oversize4(&e)),
             },
         };
@@ -297,7 +334,14 @@ fn oversize4(e: &rumqttc::ConnectionError) -> Option<usize> {
     }
 }
 
-fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
+/// The packet id and QoS to acknowledge a received message with, under
+/// manual acknowledgement (QoS 0 has none).
+fn to_ack(manual: bool, pkid: u16, qos: u8) -> Option<(u16, u8)> {
+    (manual && qos > 0).then_some((pkid, qos))
+}
+
+fn event5(ev: rumqttc::v5::Event, manual: bool) -> LinkEvent {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
     use rumqttc::v5::{Event, Incoming};
     use rumqttc::Outgoing;
     match ev {
@@ -305,7 +349,18 @@ fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
             session_present: a.session_present,
             dropped_oversize: None,
         },
+        Event::Incoming(Incoming::SubAck(a)) => {
+            match a
+                .return_codes
+                .iter()
+                .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+            {
+                Some(code) => LinkEvent::SubscribeRefused(format!("{code:?}")),
+                None => LinkEvent::Other,
+            }
+        }
         Event::Incoming(Incoming::Publish(p)) => {
+            let ack = to_ack(manual, p.pkid, p.qos as u8);
             let (response_topic, correlation) = match p.properties {
                 Some(props) => (
                     props.response_topic,
@@ -319,6 +374,7 @@ fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
                 retain: p.retain,
                 response_topic,
                 correlation,
+                ack,
             })
         }
         Event::Incoming(Incoming::PubAck(a)) => LinkEvent::Confirmed(a.pkid),
@@ -329,14 +385,20 @@ fn event5(ev: rumqttc::v5::Event) -> LinkEvent {
     }
 }
 
-fn event4(ev: rumqttc::Event) -> LinkEvent {
-    use rumqttc::{Event, Incoming, Outgoing};
+fn event4(ev: rumqttc::Event, manual: bool) -> LinkEvent {
+    use rumqttc::{Event, Incoming, Outgoing, SubscribeReasonCode};
     match ev {
         Event::Incoming(Incoming::ConnAck(a)) => LinkEvent::Connected {
             session_present: a.session_present,
             dropped_oversize: None,
         },
+        Event::Incoming(Incoming::SubAck(a))
+            if a.return_codes.contains(&SubscribeReasonCode::Failure) =>
+        {
+            LinkEvent::SubscribeRefused("Failure".into())
+        }
         Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received(Received {
+            ack: to_ack(manual, p.pkid, p.qos as u8),
             topic: p.topic,
             payload: p.payload.to_vec(),
             retain: p.retain,

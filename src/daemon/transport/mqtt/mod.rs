@@ -18,7 +18,14 @@
 //! When the connection breaks, unconfirmed replies go back to the head of
 //! the outbox and are published again after reconnection: at least once,
 //! in order, possibly a duplicate around the break.
+//!
+//! Fleets (`share_group`): several daemons take requests from one topic
+//! through an MQTT shared subscription, each message delivered to one of
+//! them; each keeps its own status topic and queue. There requests are
+//! acknowledged only when the daemon is done with them (`acks.rs`), and an
+//! MQTT 5 broker is told how many the daemon can hold (Receive Maximum).
 
+mod acks;
 mod dedup;
 mod link;
 mod outbox;
@@ -27,7 +34,7 @@ pub mod settings;
 
 pub use settings::Settings;
 
-use crate::daemon::logging::{log_info, log_warn};
+use crate::daemon::logging::{log_error, log_info, log_warn};
 use crate::daemon::protocol::{ApiError, ErrorCode, Health, Id};
 use crate::daemon::scheduler::Scheduler;
 use crate::daemon::transport::inflight::InFlight;
@@ -52,7 +59,10 @@ struct Route {
 }
 
 struct Topics {
+    /// Where requests are published, and the topic they arrive under.
     request: String,
+    /// What the daemon subscribes to: `request`, or its shared subscription.
+    subscription: String,
     status: String,
     error: String,
     response: String,
@@ -97,8 +107,9 @@ impl MqttServer {
     pub fn spawn(s: Settings, scheduler: Scheduler, model: String) -> MqttServer {
         let p = &s.prefix;
         let topics = Topics {
-            request: format!("{p}/request"),
-            status: format!("{p}/status"),
+            request: s.request_topic(),
+            subscription: s.request_filter(),
+            status: s.status_topic(),
             error: format!("{p}/error"),
             response: format!("{p}/response"),
         };
@@ -108,15 +119,24 @@ impl MqttServer {
             retain: true,
             correlation: None,
         };
-        let (client, connection) = link::open(&s, will);
+        // What the daemon can take at once without refusing any: its
+        // queue. Not more: a burst reaches the queue before the worker
+        // starts any of it.
+        let capacity = scheduler.health().queue_capacity;
+        let (client, connection) = link::open(&s, will, capacity);
         if let Some(w) = s.packet_limit_warning() {
             log_warn!("mqtt: {w}");
         }
         log_info!(
-            "mqtt: connecting to {} as '{}', requests on {}",
+            "mqtt: connecting to {} as '{}', requests on {}{}",
             s.url,
             s.client_id,
-            topics.request
+            topics.subscription,
+            if s.flow_control() {
+                format!(" (at most {capacity} unacknowledged)")
+            } else {
+                String::new()
+            }
         );
         let s_dedup_window = s.dedup_window_s;
         let shared = Arc::new(Shared {
@@ -238,6 +258,10 @@ impl Shared {
                 Ok(LinkEvent::Received(r)) => self.on_message(r),
                 Ok(LinkEvent::Published(pkid)) => self.on_published(pkid),
                 Ok(LinkEvent::Confirmed(pkid)) => self.on_confirmed(pkid),
+                Ok(LinkEvent::SubscribeRefused(why)) => log_error!(
+                    "mqtt: the broker refused the subscription to {}: {why}",
+                    self.topics.subscription
+                ),
                 Ok(LinkEvent::Disconnected) => {
                     if self.stop.load(Ordering::SeqCst) {
                         return;
@@ -297,8 +321,11 @@ impl Shared {
     }
 
     fn on_connected(&self, session_present: bool, down_since: Option<Instant>) {
-        if let Err(e) = self.client.subscribe(&self.topics.request, self.qos()) {
-            log_warn!("mqtt: cannot subscribe to {}: {e}", self.topics.request);
+        if let Err(e) = self.client.subscribe(&self.topics.subscription, self.qos()) {
+            log_warn!(
+                "mqtt: cannot subscribe to {}: {e}",
+                self.topics.subscription
+            );
         }
         let resent = { lock(&self.outbox).reconnected() };
         self.wake.notify_all();
@@ -379,6 +406,13 @@ impl Shared {
         }
     }
 
+    /// The daemon is done with a received request (flow control): it is
+    /// acknowledged after what is queued now, its reply among it.
+    fn ack(&self, t: acks::Ticket) {
+        lock(&self.outbox).ack_after_queued(t);
+        self.wake.notify_all();
+    }
+
     /// Queues a status message, replacing one that has not gone out yet.
     fn push_status(&self, payload: Vec<u8>) {
         lock(&self.outbox).push_status(Message {
@@ -400,7 +434,11 @@ impl Shared {
             if ob.finished && (!ob.has_queued() || !ob.connected) {
                 return;
             }
-            let stalled = ob.hand_over(self.qos(), |m| self.client.try_publish(m, self.qos()));
+            let stalled = ob.hand_over(
+                self.qos(),
+                |m| self.client.try_publish(m, self.qos()),
+                |pkid, qos| self.client.ack(pkid, qos),
+            );
             // A full channel: wait for the connection to drain it.
             let wait = if stalled {
                 Duration::from_millis(5)

@@ -4,7 +4,13 @@
 //! head of the queue, in order, and are published again after
 //! reconnection: at least once, in order, possibly a duplicate around the
 //! break.
+//!
+//! Under flow control the acknowledgements of received requests go out
+//! through here too, each after the messages queued before it was done
+//! (its reply), so the broker never holds an acknowledged request whose
+//! reply it has not been handed.
 
+use super::acks::{Acks, Ticket};
 use super::link::Message;
 use std::collections::VecDeque;
 
@@ -12,6 +18,18 @@ struct Entry {
     msg: Message,
     /// The retained status, which a newer one replaces while queued.
     status: bool,
+    /// Received requests to acknowledge once this message is handed over.
+    then_ack: Vec<Ticket>,
+}
+
+impl Entry {
+    fn new(msg: Message, status: bool) -> Entry {
+        Entry {
+            msg,
+            status,
+            then_ack: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -28,6 +46,8 @@ pub struct Outbox {
     resend: usize,
     /// Set at the very end of shutdown: the publisher stops.
     pub finished: bool,
+    /// Received requests not yet acknowledged (flow control only).
+    pub acks: Acks,
 }
 
 impl Outbox {
@@ -40,7 +60,7 @@ impl Outbox {
             self.dropped += 1;
             return Err(self.dropped);
         }
-        self.queue.push_back(Entry { msg, status: false });
+        self.queue.push_back(Entry::new(msg, false));
         Ok(())
     }
 
@@ -48,7 +68,7 @@ impl Outbox {
     pub fn push_status(&mut self, msg: Message) {
         match self.queue.iter_mut().find(|e| e.status) {
             Some(e) => e.msg = msg,
-            None => self.queue.push_back(Entry { msg, status: true }),
+            None => self.queue.push_back(Entry::new(msg, true)),
         }
     }
 
@@ -61,17 +81,29 @@ impl Outbox {
         !self.queue.is_empty()
     }
 
+    /// The daemon is done with a received request: acknowledge it after
+    /// every message queued so far (its reply among them) is handed over.
+    pub fn ack_after_queued(&mut self, t: Ticket) {
+        match self.queue.back_mut() {
+            Some(e) => e.then_ack.push(t),
+            None => self.acks.ready(t),
+        }
+    }
+
     /// Hands queued messages to the connection while it is up and takes
-    /// them; `publish` gives a message back when the connection's channel
-    /// is full. Returns whether it stalled on a full channel.
+    /// them, then the acknowledgements due; `publish` gives a message back
+    /// and `ack` refuses when the connection's channel is full. Returns
+    /// whether it stalled on a full channel.
     pub fn hand_over(
         &mut self,
         qos: u8,
         mut publish: impl FnMut(Message) -> Result<(), Message>,
+        ack: impl FnMut(u16, u8) -> bool,
     ) -> bool {
+        let mut stalled = false;
         while self.connected {
             let Some(e) = self.queue.pop_front() else {
-                return false;
+                break;
             };
             let kept = (qos > 0).then(|| e.msg.clone());
             match publish(e.msg) {
@@ -79,17 +111,25 @@ impl Outbox {
                     if let Some(m) = kept {
                         self.unconfirmed.push_back((None, m));
                     }
+                    for t in e.then_ack {
+                        self.acks.ready(t);
+                    }
                 }
                 Err(msg) => {
                     self.queue.push_front(Entry {
                         msg,
                         status: e.status,
+                        then_ack: e.then_ack,
                     });
-                    return true;
+                    stalled = true;
+                    break;
                 }
             }
         }
-        false
+        if self.connected {
+            stalled |= self.acks.flush(ack);
+        }
+        stalled
     }
 
     /// The connection sent a QoS 1/2 message with packet id `pkid`: it is
@@ -117,14 +157,16 @@ impl Outbox {
     }
 
     /// Puts every unconfirmed message back at the head of the queue, in
-    /// order (they go out again, with new packet ids). Returns whether the
+    /// order (they go out again, with new packet ids), and forgets the
+    /// acknowledgements due on the broken connection. Returns whether the
     /// connection had been up.
     pub fn connection_lost(&mut self) -> bool {
         let was_up = std::mem::replace(&mut self.connected, false);
+        self.acks.connection_lost();
         let back: Vec<_> = self.unconfirmed.drain(..).collect();
         self.resend += back.len();
         for (_, msg) in back.into_iter().rev() {
-            self.queue.push_front(Entry { msg, status: false });
+            self.queue.push_front(Entry::new(msg, false));
         }
         was_up
     }
@@ -152,10 +194,14 @@ mod tests {
     /// Hands everything over and returns the payloads sent.
     fn send_all(ob: &mut Outbox, qos: u8) -> Vec<u8> {
         let mut sent = Vec::new();
-        ob.hand_over(qos, |m| {
-            sent.push(m.payload[0]);
-            Ok(())
-        });
+        ob.hand_over(
+            qos,
+            |m| {
+                sent.push(m.payload[0]);
+                Ok(())
+            },
+            |_, _| true,
+        );
         sent
     }
 
@@ -229,15 +275,72 @@ mod tests {
         ob.push_status(msg(3));
         ob.connected = true;
         let mut sent = Vec::new();
-        let stalled = ob.hand_over(1, |m| {
-            if sent.len() == 1 {
-                return Err(m);
-            }
-            sent.push(m.payload[0]);
-            Ok(())
-        });
+        let stalled = ob.hand_over(
+            1,
+            |m| {
+                if sent.len() == 1 {
+                    return Err(m);
+                }
+                sent.push(m.payload[0]);
+                Ok(())
+            },
+            |_, _| true,
+        );
         assert!(stalled);
         assert_eq!(sent, [3], "the newer status took the older one's place");
         assert_eq!(send_all(&mut ob, 1), [2], "the refused message is next");
+    }
+
+    /// Hands everything over; returns the payloads and acknowledged packet
+    /// ids in the order they reached the connection.
+    fn send_log(ob: &mut Outbox) -> Vec<String> {
+        let log = std::cell::RefCell::new(Vec::new());
+        ob.hand_over(
+            1,
+            |m| {
+                log.borrow_mut().push(format!("m{}", m.payload[0]));
+                Ok(())
+            },
+            |p, _| {
+                log.borrow_mut().push(format!("ack{p}"));
+                true
+            },
+        );
+        log.into_inner()
+    }
+
+    #[test]
+    fn an_acknowledgement_follows_the_reply_queued_before_it() {
+        let mut ob = Outbox::default();
+        let t1 = ob.acks.received(11, 1);
+        let t2 = ob.acks.received(12, 1);
+        // Nothing queued: due at once (after 11, which is not).
+        ob.ack_after_queued(t2);
+        ob.push(msg(1), true, 10).unwrap();
+        ob.ack_after_queued(t1);
+        assert!(send_log(&mut ob).is_empty(), "nothing goes out while down");
+        ob.connected = true;
+        assert_eq!(send_log(&mut ob), ["m1", "ack11", "ack12"]);
+        // A stalled reply holds its acknowledgement back.
+        let t3 = ob.acks.received(13, 1);
+        ob.push(msg(2), true, 10).unwrap();
+        ob.ack_after_queued(t3);
+        let stalled = ob.hand_over(1, Err, |_, _| panic!("acknowledged before its reply"));
+        assert!(stalled);
+        assert_eq!(send_log(&mut ob), ["m2", "ack13"]);
+    }
+
+    #[test]
+    fn a_broken_connection_drops_the_acknowledgements_due_on_it() {
+        let mut ob = Outbox {
+            connected: true,
+            ..Outbox::default()
+        };
+        let t = ob.acks.received(5, 1);
+        ob.push(msg(1), true, 10).unwrap();
+        ob.ack_after_queued(t);
+        ob.connection_lost();
+        ob.reconnected();
+        assert_eq!(send_log(&mut ob), ["m1"], "the reply again, no stale ack");
     }
 }

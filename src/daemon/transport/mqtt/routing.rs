@@ -1,7 +1,11 @@
 //! Requests arriving on `<prefix>/request`: where their replies go, the
 //! checks that need MQTT (retained, oversized, reply topics), redelivered
-//! copies, and submitting to the scheduler.
+//! copies, and submitting to the scheduler. Under flow control every
+//! message is acknowledged once the daemon is done with it: a request the
+//! scheduler accepted when its final event is queued, anything else after
+//! its immediate reply (if any).
 
+use super::acks::Ticket;
 use super::link::{Message, Received};
 use super::{lock, settings, Route, Shared};
 use crate::daemon::logging::{log_debug, log_info, log_warn};
@@ -13,6 +17,20 @@ use std::time::Instant;
 
 impl Shared {
     pub(super) fn on_message(self: &Arc<Self>, r: Received) {
+        let mut ticket = r
+            .ack
+            .map(|(pkid, qos)| lock(&self.outbox).acks.received(pkid, qos));
+        self.route_message(r, &mut ticket);
+        // Not taken by an accepted request: done with.
+        if let Some(t) = ticket {
+            self.ack(t);
+        }
+    }
+
+    /// Answers or submits one message; a request the scheduler accepts
+    /// takes `ticket` with it.
+    fn route_message(self: &Arc<Self>, r: Received, ticket: &mut Option<Ticket>) {
+        // Shared subscriptions deliver under the request topic too.
         if r.topic != self.topics.request {
             log_debug!("mqtt: ignoring a message on {}", r.topic);
             return;
@@ -97,7 +115,7 @@ impl Shared {
                         "no reply destination: give an 'id' (replies go to <prefix>/response/<id>), a 'reply_to' topic, or an MQTT 5 response topic",
                     ),
                 ),
-                Some(route) => self.on_incoming(incoming, route),
+                Some(route) => self.on_incoming(incoming, route, ticket),
             },
         }
     }
@@ -148,9 +166,14 @@ impl Shared {
         );
     }
 
-    fn on_incoming(self: &Arc<Self>, incoming: Incoming, route: Route) {
+    fn on_incoming(
+        self: &Arc<Self>,
+        incoming: Incoming,
+        route: Route,
+        ticket: &mut Option<Ticket>,
+    ) {
         match incoming {
-            Incoming::Request(req) => self.submit(&req, route),
+            Incoming::Request(req) => self.submit(&req, route, ticket),
             Incoming::Control(c) => {
                 let key_route = route.clone();
                 if let Some((id, reply)) = self
@@ -163,7 +186,12 @@ impl Shared {
         }
     }
 
-    fn submit(self: &Arc<Self>, req: &protocol::Request, route: Route) {
+    fn submit(
+        self: &Arc<Self>,
+        req: &protocol::Request,
+        route: Route,
+        ticket: &mut Option<Ticket>,
+    ) {
         let key = (route.clone(), req.id.clone());
         // Held while submitting, so a copy delivered while the original
         // finishes is either still in flight or already answered.
@@ -179,12 +207,18 @@ impl Shared {
             shared: self.clone(),
             route: route.clone(),
             id: req.id.clone(),
+            // A copy: a refused request is acknowledged by the caller.
+            ticket: *ticket,
         };
         match self
             .inflight
             .submit(&self.scheduler, key, req, Box::new(sink))
         {
-            Ok(()) => log_debug!("mqtt: request {} queued", req.id),
+            Ok(()) => {
+                // Acknowledged by the sink with the final event.
+                *ticket = None;
+                log_debug!("mqtt: request {} queued", req.id)
+            }
             Err(Refused::Duplicate) => log_info!(
                 "mqtt: request {} delivered again; still running, ignored",
                 req.id
@@ -228,6 +262,9 @@ struct MqttSink {
     shared: Arc<Shared>,
     route: Route,
     id: Id,
+    /// The request's acknowledgement under flow control, due with the
+    /// final event.
+    ticket: Option<Ticket>,
 }
 
 impl EventSink for MqttSink {
@@ -240,6 +277,11 @@ impl EventSink for MqttSink {
             self.shared.inflight.release(&key);
         }
         self.shared.reply(&self.route, Some(&self.id), &event, last);
+        if last {
+            if let Some(t) = self.ticket.take() {
+                self.shared.ack(t);
+            }
+        }
         // A full outbox drops tokens, not the job: the final event carries
         // the whole text.
         true

@@ -25,6 +25,9 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub client_id: String,
     pub prefix: String,
+    /// The shared-subscription group this daemon serves requests in (a
+    /// fleet); `None`: the request topic is this daemon's alone.
+    pub share_group: Option<String>,
     pub keep_alive_s: u64,
     pub qos: u8,
     pub username: Option<String>,
@@ -60,10 +63,14 @@ impl Settings {
             None => hostname()?,
         };
         check_topic_level("device_id", &device_id)?;
-        let prefix = c
-            .prefix
-            .clone()
-            .unwrap_or_else(|| format!("crystal/{device_id}"));
+        if let Some(g) = &c.share_group {
+            check_share_group(g)?;
+        }
+        // A fleet's request topic is the group's, not one device's.
+        let prefix = c.prefix.clone().unwrap_or_else(|| match &c.share_group {
+            Some(g) => format!("crystal/{g}"),
+            None => format!("crystal/{device_id}"),
+        });
         check_topic_name(&prefix).map_err(|e| format!("prefix '{prefix}': {e}"))?;
         if prefix.ends_with('/') {
             return Err(format!("prefix '{prefix}' must not end with '/'"));
@@ -74,6 +81,11 @@ impl Settings {
             .unwrap_or_else(|| format!("crystald-{device_id}"));
         if client_id.is_empty() || client_id.len() > 65535 {
             return Err("client_id must be 1 to 65535 bytes".into());
+        }
+        if c.share_group.is_some() {
+            // It names the device's own status topic in a fleet.
+            check_topic_level("client_id", &client_id)
+                .map_err(|e| format!("{e}; with share_group it names the status topic"))?;
         }
         let password = match (&c.password_file, &c.password_env) {
             (Some(_), Some(_)) => return Err("give password_file or password_env, not both".into()),
@@ -121,6 +133,7 @@ impl Settings {
             tls,
             client_id,
             prefix,
+            share_group: c.share_group.clone(),
             keep_alive_s: c.keep_alive_s,
             qos: c.qos,
             username: c.username.clone(),
@@ -130,10 +143,50 @@ impl Settings {
             connect_attempts: c.connect_attempts,
             max_pending_messages: c.max_pending_messages,
             dedup_window_s: c.dedup_window_s,
-            session_expiry_s: SESSION_EXPIRY_S,
+            // A fleet member's session ends with its connection: Mosquitto
+            // hands requests round-robin to every member whose session
+            // exists, connected or not, so a persistent session would keep
+            // taking its share while the device is dead.
+            session_expiry_s: if c.share_group.is_some() {
+                0
+            } else {
+                SESSION_EXPIRY_S
+            },
             max_payload,
             broker_max_packet_size: c.broker_max_packet_size,
         })
+    }
+
+    /// The topic requests are published to (in a fleet, by every member's
+    /// clients alike).
+    pub fn request_topic(&self) -> String {
+        format!("{}/request", self.prefix)
+    }
+
+    /// What the daemon subscribes to: the request topic, or in a fleet the
+    /// group's shared subscription of it. The broker delivers shared
+    /// messages under the request topic itself.
+    pub fn request_filter(&self) -> String {
+        match &self.share_group {
+            Some(g) => format!("$share/{g}/{}", self.request_topic()),
+            None => self.request_topic(),
+        }
+    }
+
+    /// The retained status topic: `<prefix>/status`, or in a fleet, whose
+    /// members share the prefix, `<prefix>/status/<client_id>` (client ids
+    /// are unique at a broker), so members do not overwrite each other.
+    pub fn status_topic(&self) -> String {
+        match &self.share_group {
+            Some(_) => format!("{}/status/{}", self.prefix, self.client_id),
+            None => format!("{}/status", self.prefix),
+        }
+    }
+
+    /// Whether requests are acknowledged only when done with and the
+    /// broker told how many the daemon can hold (flow control): in a fleet.
+    pub fn flow_control(&self) -> bool {
+        self.share_group.is_some() && self.qos > 0
     }
 
     /// The largest packet the client reads from the broker. A bigger one
@@ -215,6 +268,23 @@ fn parse_url(url: &str) -> Result<(bool, String, u16), String> {
             .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
     };
     Ok((tls, host.to_string(), port))
+}
+
+/// A shared-subscription group name: one topic level without wildcards
+/// (MQTT 5, 4.8.2).
+fn check_share_group(g: &str) -> Result<(), String> {
+    if g.is_empty() {
+        return Err("share_group must not be empty".into());
+    }
+    if g.contains(['/', '+', '#', '\0']) {
+        return Err(format!(
+            "share_group '{g}' must be one topic level without '/', '+' or '#'"
+        ));
+    }
+    if g.len() > 256 {
+        return Err(format!("share_group '{g}' is longer than 256 bytes"));
+    }
+    Ok(())
 }
 
 fn hostname() -> Result<String, String> {
@@ -406,6 +476,62 @@ mod tests {
             .unwrap();
             assert!(e.contains("broker_max_packet_size"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_fleet_shares_the_request_topic_and_keeps_a_status_per_member() {
+        let alone = MqttConfig {
+            device_id: Some("pi4".into()),
+            ..MqttConfig::default()
+        };
+        let s = Settings::resolve(&alone, 1000).unwrap();
+        assert_eq!(s.request_filter(), "crystal/pi4/request");
+        assert_eq!(s.status_topic(), "crystal/pi4/status");
+        assert_eq!(s.session_expiry_s, SESSION_EXPIRY_S);
+        assert!(!s.flow_control());
+        let member = MqttConfig {
+            share_group: Some("kitchen".into()),
+            ..alone.clone()
+        };
+        let s = Settings::resolve(&member, 1000).unwrap();
+        assert_eq!(s.request_topic(), "crystal/kitchen/request");
+        assert_eq!(s.request_filter(), "$share/kitchen/crystal/kitchen/request");
+        assert_eq!(s.status_topic(), "crystal/kitchen/status/crystald-pi4");
+        assert_eq!(s.session_expiry_s, 0);
+        assert!(s.flow_control());
+        let s = Settings::resolve(
+            &MqttConfig {
+                prefix: Some("site/llm".into()),
+                client_id: Some("gw-7".into()),
+                ..member.clone()
+            },
+            1000,
+        )
+        .unwrap();
+        assert_eq!(s.request_filter(), "$share/kitchen/site/llm/request");
+        assert_eq!(s.status_topic(), "site/llm/status/gw-7");
+        for bad in ["", "a/b", "a+", "#", "x\0y"] {
+            let e = Settings::resolve(
+                &MqttConfig {
+                    share_group: Some(bad.into()),
+                    ..alone.clone()
+                },
+                1000,
+            )
+            .err()
+            .unwrap();
+            assert!(e.contains("share_group"), "{bad:?}: {e}");
+        }
+        let e = Settings::resolve(
+            &MqttConfig {
+                client_id: Some("a/b".into()),
+                ..member
+            },
+            1000,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("client_id") && e.contains("share_group"), "{e}");
     }
 
     #[test]
