@@ -83,7 +83,7 @@ pub enum Flow {
 /// string is never streamed out before it is recognised.
 struct StopMatcher<'a> {
     stops: &'a [String],
-    pending: String,
+    pending: &'a mut String,
 }
 
 impl<'a> StopMatcher<'a> {
@@ -120,11 +120,216 @@ impl<'a> StopMatcher<'a> {
     }
 
     fn flush(&mut self) -> String {
-        std::mem::take(&mut self.pending)
+        std::mem::take(self.pending)
     }
 }
 
-/// Generates a reply to `prompt` (token ids, template already applied).
+/// What [`Generator::advance`] asks for next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Run this token and call `advance` with the logits after it.
+    Feed(u32),
+    /// The reply is finished; call [`Generator::finish`].
+    Done,
+}
+
+/// One reply in progress: sampling, streaming text and the stop rules,
+/// fed the logits after each token by whoever runs the model (the
+/// single-sequence [`generate`], or the daemon's batched scheduler). Its
+/// result does not depend on what else ran beside it.
+pub struct Generator<'t> {
+    tok: &'t Tokenizer,
+    params: GenerateParams,
+    sampler: Sampler,
+    /// Prompt and reply so far, for the repetition penalty.
+    recent: Vec<u32>,
+    decoder: StreamDecoder<'t>,
+    stops: Vec<String>,
+    pending: String,
+    stopped_by_string: bool,
+    out: Generation,
+    started: Instant,
+    decode_start: Option<Instant>,
+    done: bool,
+}
+
+impl<'t> Generator<'t> {
+    /// `cached`: how many prompt tokens were already in the cache.
+    pub fn new(
+        tok: &'t Tokenizer,
+        prompt: &[u32],
+        params: &GenerateParams,
+        cached: usize,
+    ) -> Generator<'t> {
+        Generator {
+            tok,
+            params: params.clone(),
+            sampler: Sampler::new(params.sampling.clone()),
+            recent: prompt.to_vec(),
+            decoder: StreamDecoder::new(tok),
+            stops: params.stop.clone(),
+            pending: String::new(),
+            stopped_by_string: false,
+            out: Generation {
+                text: String::new(),
+                tokens: Vec::new(),
+                finish: FinishReason::Length,
+                prompt_tokens: prompt.len(),
+                cached_tokens: cached,
+                logprobs: Vec::new(),
+                prefill_time: Duration::ZERO,
+                decode_time: Duration::ZERO,
+            },
+            started: Instant::now(),
+            decode_start: None,
+            done: false,
+        }
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out.tokens
+    }
+
+    /// Stops the reply (the caller left, or its time is up).
+    pub fn cancel(&mut self) {
+        self.out.finish = FinishReason::Cancelled;
+        self.done = true;
+    }
+
+    /// Takes the logits after the last token (the prompt's, then each
+    /// token `Feed` asked for); `room`: whether the context can take one
+    /// more token. Text goes to `sink` as it becomes safe to show.
+    pub fn advance(
+        &mut self,
+        logits: &mut [f32],
+        room: bool,
+        sink: &mut dyn FnMut(&str) -> Flow,
+    ) -> Next {
+        if self.decode_start.is_none() {
+            self.out.prefill_time = self.started.elapsed();
+            self.decode_start = Some(Instant::now());
+        }
+        if self.done {
+            return Next::Done;
+        }
+        let id = self.choose(logits);
+        let next = self.take(id, room, sink);
+        self.done = next == Next::Done;
+        next
+    }
+
+    fn choose(&mut self, logits: &mut [f32]) -> Option<u32> {
+        if self.out.tokens.len() >= self.params.max_tokens {
+            return None;
+        }
+        // The model's vocabulary is padded past the tokenizer's (32032 vs
+        // 32022): those rows were never trained and have no text.
+        if let Some(pad) = logits.get_mut(self.tok.vocab_size()..) {
+            pad.fill(f32::NEG_INFINITY);
+        }
+        let n = self.params.logprobs;
+        let lp = (n > 0).then(|| (sampling::top_logprobs(logits, n), logits.to_vec()));
+        let id = self.sampler.sample(logits, &self.recent);
+        if let Some((top, raw)) = lp {
+            self.out.logprobs.push(TokenLogprob {
+                id,
+                logprob: sampling::logprob_of(&raw, id),
+                top,
+            });
+        }
+        Some(id)
+    }
+
+    fn take(&mut self, id: Option<u32>, room: bool, sink: &mut dyn FnMut(&str) -> Flow) -> Next {
+        let Some(id) = id else {
+            self.out.finish = FinishReason::Length;
+            return Next::Done;
+        };
+        if chat::ends_reply(self.tok.special(), id) {
+            self.out.finish = FinishReason::Stop;
+            return Next::Done;
+        }
+        self.out.tokens.push(id);
+        self.recent.push(id);
+        // Ids past the tokenizer are masked above, so every id here has text.
+        let piece = self
+            .decoder
+            .push(id)
+            .expect("sampled ids are in the tokenizer's vocabulary");
+        let (safe, stopped) = self.matcher().push(&piece);
+        if self.emit(&safe, sink) == Flow::Cancel {
+            self.out.finish = FinishReason::Cancelled;
+            return Next::Done;
+        }
+        if stopped {
+            self.out.finish = FinishReason::Stop;
+            self.stopped_by_string = true;
+            return Next::Done;
+        }
+        if self.out.tokens.len() >= self.params.max_tokens {
+            self.out.finish = FinishReason::Length;
+            return Next::Done;
+        }
+        if !room {
+            self.out.finish = FinishReason::Context;
+            return Next::Done;
+        }
+        Next::Feed(id)
+    }
+
+    fn matcher(&mut self) -> StopMatcher<'_> {
+        StopMatcher {
+            stops: &self.stops,
+            pending: &mut self.pending,
+        }
+    }
+
+    fn emit(&mut self, text: &str, sink: &mut dyn FnMut(&str) -> Flow) -> Flow {
+        if text.is_empty() {
+            return Flow::Continue;
+        }
+        self.out.text.push_str(text);
+        sink(text)
+    }
+
+    /// The finished reply. Text held back (an incomplete character, a
+    /// possible stop-string prefix) belongs to it unless it was cut by a
+    /// stop string or the caller went away.
+    pub fn finish(mut self, sink: &mut dyn FnMut(&str) -> Flow) -> Generation {
+        if self.out.finish != FinishReason::Cancelled && !self.stopped_by_string {
+            let tail = self.decoder.finish();
+            let (safe, stopped) = self.matcher().push(&tail);
+            let rest = if stopped {
+                safe
+            } else {
+                safe + &self.matcher().flush()
+            };
+            let _ = self.emit(&rest, sink);
+        }
+        if let Some(t) = self.decode_start {
+            self.out.decode_time = t.elapsed();
+        } else {
+            self.out.prefill_time = self.started.elapsed();
+        }
+        self.out
+    }
+}
+
+/// How many of `prompt`'s tokens a cache holding `history` can serve: the
+/// common prefix, but at least the last prompt token is recomputed, since
+/// its logits start the reply.
+pub fn reusable_prefix(history: &[u32], prompt: &[u32]) -> usize {
+    let common = history
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    common.min(prompt.len().saturating_sub(1))
+}
+
+/// Generates a reply to `prompt` (token ids, template already applied) on
+/// a single-sequence session.
 ///
 /// The session's cache is reused for the longest common prefix with its
 /// history; the output is identical to a cold run because the cached
@@ -146,117 +351,17 @@ pub fn generate(
             capacity: session.n_ctx(),
         });
     }
-    let common = session
-        .history()
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count();
-    // At least the last prompt token is recomputed: its logits start the reply.
-    let cached = common.min(prompt.len() - 1);
+    let cached = reusable_prefix(session.history(), prompt);
     session.truncate(cached);
-
-    let started = Instant::now();
+    let mut g = Generator::new(tok, prompt, params, cached);
     let mut logits = session
         .forward(model, &prompt[cached..], Logits::Last)?
         .to_vec();
-    let prefill_time = started.elapsed();
-
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut recent: Vec<u32> = prompt.to_vec();
-    let mut decoder = StreamDecoder::new(tok);
-    let mut matcher = StopMatcher {
-        stops: &params.stop,
-        pending: String::new(),
-    };
-    let mut out = Generation {
-        text: String::new(),
-        tokens: Vec::new(),
-        finish: FinishReason::Length,
-        prompt_tokens: prompt.len(),
-        cached_tokens: cached,
-        logprobs: Vec::new(),
-        prefill_time,
-        decode_time: Duration::ZERO,
-    };
-    let mut stopped_by_string = false;
-    let decode_start = Instant::now();
-    let mut emit = |text: &str, out: &mut Generation| -> Flow {
-        if text.is_empty() {
-            return Flow::Continue;
-        }
-        out.text.push_str(text);
-        sink(text)
-    };
-    loop {
-        if out.tokens.len() >= params.max_tokens {
-            out.finish = FinishReason::Length;
-            break;
-        }
-        // The model's vocabulary is padded past the tokenizer's (32032 vs
-        // 32022): those rows were never trained and have no text.
-        if let Some(pad) = logits.get_mut(tok.vocab_size()..) {
-            pad.fill(f32::NEG_INFINITY);
-        }
-        let lp = (params.logprobs > 0).then(|| {
-            (
-                sampling::top_logprobs(&logits, params.logprobs),
-                logits.clone(),
-            )
-        });
-        let id = sampler.sample(&mut logits, &recent);
-        if let Some((top, raw)) = lp {
-            out.logprobs.push(TokenLogprob {
-                id,
-                logprob: sampling::logprob_of(&raw, id),
-                top,
-            });
-        }
-        if chat::ends_reply(tok.special(), id) {
-            out.finish = FinishReason::Stop;
-            break;
-        }
-        out.tokens.push(id);
-        recent.push(id);
-        // Ids past the tokenizer are masked below, so every id here has text.
-        let piece = decoder
-            .push(id)
-            .expect("sampled ids are in the tokenizer's vocabulary");
-        let (safe, stopped) = matcher.push(&piece);
-        if emit(&safe, &mut out) == Flow::Cancel {
-            out.finish = FinishReason::Cancelled;
-            break;
-        }
-        if stopped {
-            out.finish = FinishReason::Stop;
-            stopped_by_string = true;
-            break;
-        }
-        if out.tokens.len() >= params.max_tokens {
-            out.finish = FinishReason::Length;
-            break;
-        }
-        if session.pos() >= session.n_ctx() {
-            out.finish = FinishReason::Context;
-            break;
-        }
+    while let Next::Feed(id) = g.advance(&mut logits, session.pos() < session.n_ctx(), sink) {
         logits.clear();
         logits.extend_from_slice(session.forward(model, &[id], Logits::Last)?);
     }
-    // Text held back (an incomplete character, a possible stop-string
-    // prefix) belongs to the reply unless it was cut by a stop string or the
-    // caller went away.
-    if out.finish != FinishReason::Cancelled && !stopped_by_string {
-        let (safe, stopped) = matcher.push(&decoder.finish());
-        let rest = if stopped {
-            safe
-        } else {
-            safe + &matcher.flush()
-        };
-        let _ = emit(&rest, &mut out);
-    }
-    out.decode_time = decode_start.elapsed();
-    Ok(out)
+    Ok(g.finish(sink))
 }
 
 #[cfg(test)]
@@ -265,9 +370,10 @@ mod tests {
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut pending = String::new();
         let mut m = StopMatcher {
             stops: &stops,
-            pending: String::new(),
+            pending: &mut pending,
         };
         let mut out = String::new();
         for p in pieces {

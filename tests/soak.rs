@@ -205,7 +205,8 @@ fn socket_client(
             }
             6 => {
                 let chat = json!({"id": id, "messages": [
-                    {"role": "system", "content": "Be brief."},
+                    // One system prompt for all: its blocks are shared.
+                    {"role": "system", "content": "You are the assistant of a sensor gateway. Be brief: answer in one short sentence."},
                     {"role": "user", "content": format!("Question {n}?")}],
                     "max_tokens": 12});
                 c.send_raw(&chat.to_string());
@@ -417,7 +418,7 @@ fn soak() {
     let d = Daemon::start(
         &broker.url(),
         "",
-        "queue_size = 4\nmax_line_bytes = 4096\n[http]\nlisten = [\"127.0.0.1:0\"]\nmax_body_bytes = 4096",
+        "queue_size = 4\nparallel = 4\nmax_line_bytes = 4096\n[http]\nlisten = [\"127.0.0.1:0\"]\nmax_body_bytes = 4096",
     );
     let http_addr = d
         .log()

@@ -54,24 +54,30 @@ fn a_budget_over_mem_available_is_an_error_naming_the_numbers_or_a_warning() {
     let dir = temp_dir();
     let small = fake_meminfo(dir.path(), 2048);
     let env = [("CRYSTALD_MEMINFO", small.as_path())];
-    let log = Serve::refused(&model, &["--ctx", "512"], &env, None);
+    let log = Serve::refused(&model, &["--ctx", "512", "--kv-budget", "512"], &env, None);
     let mib = std::fs::metadata(&model).unwrap().len().div_ceil(1 << 20);
     for want in [
         "memory budget".to_string(),
         format!("the model ({mib} MiB)"),
-        "KV cache at 512 tokens".into(),
+        "KV pool of 512 tokens".into(),
         "MemAvailable is 2 MiB".into(),
         "memory_check = \"warn\"".into(),
     ] {
         assert!(log.contains(&want), "'{want}' missing: {log}");
     }
-    // The KV cache is part of it: a bigger context needs more.
+    // The KV pool is part of it: a bigger element type needs more, Q8_0 less.
     let need = |log: &str| -> u64 {
         let at = log.find(") = ").unwrap() + 4;
         log[at..].split(' ').next().unwrap().parse().unwrap()
     };
-    let log_f32 = Serve::refused(&model, &["--ctx", "512", "--kv-type", "f32"], &env, None);
-    assert!(need(&log_f32) > need(&log), "{log_f32}");
+    let with = |ty: &str| {
+        let args = ["--ctx", "512", "--kv-budget", "16384", "--kv-type", ty];
+        Serve::refused(&model, &args, &env, None)
+    };
+    let (log_f32, log_f16, log_q8) = (with("f32"), with("f16"), with("q8_0"));
+    assert!(need(&log_f32) > need(&log_f16), "{log_f32}");
+    assert!(need(&log_q8) < need(&log_f16), "{log_q8}");
+    assert!(need(&log_f16) > need(&log), "{log_f16}");
 
     let s = Serve::ready(&model, &["--memory-check", "warn"], &env);
     assert!(
@@ -86,6 +92,26 @@ fn a_budget_over_mem_available_is_an_error_naming_the_numbers_or_a_warning() {
     let big = fake_meminfo(dir.path(), 64 << 20);
     let s = Serve::ready(&model, &[], &[("CRYSTALD_MEMINFO", big.as_path())]);
     assert!(s.log().contains("fits"), "{}", s.log());
+}
+
+#[test]
+fn a_kv_pool_smaller_than_one_context_is_refused_naming_both() {
+    let model = converted("tiny-a", "q4_0");
+    // 1 MiB of f32 is 256 positions of this model (2 layers × 256 × 4 B × 2).
+    for budget in [["--kv-budget", "256"], ["--kv-budget", "1 MiB"]] {
+        let args = ["--ctx", "512", "--kv-type", "f32", budget[0], budget[1]];
+        let log = Serve::refused(&model, &args, &[], None);
+        assert!(
+            log.contains("kv_budget holds")
+                && log.contains("less than one full context (ctx = 512)"),
+            "{budget:?}: {log}"
+        );
+    }
+    let log = Serve::refused(&model, &["--kv-budget", "lots"], &[], None);
+    assert!(log.contains("--kv-budget") && log.contains("lots"), "{log}");
+    // Exactly one context is enough, and the pool's size is in the log.
+    let s = Serve::ready(&model, &["--ctx", "512", "--kv-budget", "512"], &[]);
+    assert!(s.log().contains("KV pool: 512 tokens"), "{}", s.log());
 }
 
 #[test]

@@ -22,10 +22,17 @@ pub struct Args {
     /// Context window in tokens [config: ctx; default: the model's].
     #[arg(long)]
     ctx: Option<usize>,
-    /// KV cache type, f16 or f32 [config: kv_type].
+    /// KV pool type: f16, f32 or q8_0 [config: kv_type].
     #[arg(long)]
     kv_type: Option<String>,
-    /// Requests that may wait while one runs [config: queue_size].
+    /// Requests generating together [config: parallel; default 4].
+    #[arg(long)]
+    parallel: Option<usize>,
+    /// The KV pool for all requests: tokens, or a size like "1536 MiB"
+    /// [config: kv_budget; default 4096 tokens].
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Requests that may wait while others run [config: queue_size].
     #[arg(long)]
     queue_size: Option<usize>,
     /// Also serve MQTT through this broker: mqtt://HOST[:PORT] or
@@ -36,6 +43,10 @@ pub struct Args {
     /// Topic prefix [config: mqtt.prefix; default crystal/<hostname>].
     #[arg(long)]
     mqtt_prefix: Option<String>,
+    /// Serve requests with the other daemons of this MQTT shared-subscription
+    /// group [config: mqtt.share_group].
+    #[arg(long, value_name = "NAME")]
+    mqtt_share_group: Option<String>,
     /// Also serve the OpenAI-compatible HTTP API on HOST:PORT or
     /// unix:/PATH; repeatable [config: http.listen]. Keys and limits are set
     /// in the config file's [http] table.
@@ -68,7 +79,7 @@ impl Args {
                 $(if let Some(v) = self.$flag { $field = v; })*
             };
         }
-        set!(socket => cfg.socket, queue_size => cfg.queue_size);
+        set!(socket => cfg.socket, queue_size => cfg.queue_size, parallel => cfg.parallel);
         // Named settings read as the config file reads them.
         macro_rules! named {
             ($($flag:ident => $field:expr),*) => {
@@ -78,7 +89,7 @@ impl Args {
                 })*
             };
         }
-        named!(kv_type => cfg.kv_type, log_level => cfg.log_level,
+        named!(kv_type => cfg.kv_type, kv_budget => cfg.kv_budget, log_level => cfg.log_level,
                memory_check => cfg.memory_check, prefetch => cfg.prefetch);
         cfg.lock_weights |= self.lock_weights;
         cfg.verify_model |= self.verify_model;
@@ -86,13 +97,17 @@ impl Args {
         cfg.threads = self.threads.or(cfg.threads);
         cfg.kernels = self.kernels.or(cfg.kernels);
         cfg.ctx = self.ctx.or(cfg.ctx);
-        if self.mqtt_url.is_some() || self.mqtt_prefix.is_some() {
+        if self.mqtt_url.is_some() || self.mqtt_prefix.is_some() || self.mqtt_share_group.is_some()
+        {
             let m = cfg.mqtt.get_or_insert_with(Default::default);
             if let Some(url) = self.mqtt_url {
                 m.url = url;
             }
             if let Some(prefix) = self.mqtt_prefix {
                 m.prefix = Some(prefix);
+            }
+            if let Some(group) = self.mqtt_share_group {
+                m.share_group = Some(group);
             }
         }
         if !self.http.is_empty() {

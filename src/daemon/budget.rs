@@ -1,11 +1,11 @@
-//! The memory budget checked at start: the model file, the KV cache at the
-//! full context and the scratch memory must fit in what the system
+//! The memory budget checked at start: the model file, the whole KV pool
+//! and the scratch memory must fit in what the system
 //! (`MemAvailable`) and the service's cgroup (`MemoryMax=`) leave, or the
 //! daemon would be OOM-killed in the middle of a long request instead of
 //! refusing to start with the numbers in hand.
 
 use crate::model::forward::scratch_bytes;
-use crate::model::kv_cache::KvCache;
+use crate::model::KvPool;
 use crate::model::{KvType, Model};
 use crate::procfs;
 
@@ -15,18 +15,18 @@ const RUNTIME_BYTES: u64 = 64 << 20;
 pub struct Budget {
     pub model: u64,
     pub kv: u64,
-    pub n_ctx: usize,
+    pub pool_tokens: usize,
     pub scratch: u64,
 }
 
 impl Budget {
-    pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Budget {
+    pub fn new(model: &Model, pool_tokens: usize, kv_type: KvType) -> Budget {
         let hp = &model.hp;
         Budget {
             model: model.file_bytes(),
-            kv: KvCache::full_bytes(kv_type, hp.n_layer, n_ctx, hp.n_embd),
-            n_ctx,
-            scratch: scratch_bytes(hp, n_ctx) + RUNTIME_BYTES,
+            kv: KvPool::full_bytes(kv_type, hp.n_layer, hp.n_embd, pool_tokens),
+            pool_tokens,
+            scratch: scratch_bytes(hp, pool_tokens.min(hp.context_length)) + RUNTIME_BYTES,
         }
     }
 
@@ -36,9 +36,9 @@ impl Budget {
 
     fn describe(&self) -> String {
         format!(
-            "the model ({}) + the KV cache at {} tokens ({}) + scratch and runtime ({}) = {}",
+            "the model ({}) + the KV pool of {} tokens ({}) + scratch and runtime ({}) = {}",
             mib(self.model),
-            self.n_ctx,
+            self.pool_tokens,
             mib(self.kv),
             mib(self.scratch),
             mib(self.total())
@@ -66,7 +66,7 @@ impl Budget {
             return Ok(None);
         }
         Ok(Some(format!(
-            "memory budget: {} needed, but {}. Lower ctx or use kv_type = \"f16\", free memory, \
+            "memory budget: {} needed, but {}. Lower kv_budget or use kv_type = \"q8_0\", free memory, \
              raise MemoryMax=, or set memory_check = \"warn\" to start anyway",
             self.describe(),
             over.join(" and ")

@@ -41,8 +41,13 @@ pub struct Config {
     pub kernels: Option<String>,
     /// Context window in tokens (default: the model's).
     pub ctx: Option<usize>,
-    /// KV cache element type: f16 or f32.
+    /// KV pool element type: f16, f32 or q8_0.
     pub kv_type: KvType,
+    /// Requests generating together (continuous batching).
+    pub parallel: usize,
+    /// The KV pool shared by all requests: a number of tokens, or a size
+    /// ("1536 MiB", "2 GiB"). At least one full context.
+    pub kv_budget: KvBudget,
     /// Cached tokens kept for prefix reuse when the worker goes idle; the
     /// memory of the rest of the KV cache is given back.
     pub kv_keep_tokens: usize,
@@ -120,6 +125,9 @@ pub struct MqttConfig {
     pub prefix: Option<String>,
     /// Default: `crystald-<device_id>`.
     pub client_id: Option<String>,
+    /// Join this MQTT shared-subscription group: requests are taken from
+    /// `$share/<share_group>/<prefix>/request`, each by one member.
+    pub share_group: Option<String>,
     /// "5" or "3.1.1".
     pub protocol: Protocol,
     pub keep_alive_s: u64,
@@ -163,6 +171,7 @@ impl Default for MqttConfig {
             device_id: None,
             prefix: None,
             client_id: None,
+            share_group: None,
             protocol: Protocol::V5,
             keep_alive_s: 30,
             qos: 1,
@@ -195,6 +204,8 @@ impl Default for Config {
             kernels: None,
             ctx: None,
             kv_type: KvType::F16,
+            parallel: 4,
+            kv_budget: KvBudget::Tokens(4096),
             kv_keep_tokens: 256,
             memory_check: MemoryCheck::Error,
             lock_weights: false,
@@ -237,6 +248,7 @@ impl Config {
         }
         for (name, v) in [
             ("queue_size", self.queue_size),
+            ("parallel", self.parallel),
             ("default_max_tokens", self.default_max_tokens),
             ("max_line_bytes", self.max_line_bytes),
             ("max_pending_replies", self.max_pending_replies),
@@ -274,6 +286,75 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// The KV pool's size: tokens, or bytes converted to tokens once the
+/// model's shape is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvBudget {
+    Tokens(usize),
+    Bytes(u64),
+}
+
+impl KvBudget {
+    /// Positions the pool holds, given the bytes one position takes.
+    pub fn tokens(self, bytes_per_token: u64) -> usize {
+        match self {
+            KvBudget::Tokens(n) => n,
+            KvBudget::Bytes(b) => (b / bytes_per_token.max(1)) as usize,
+        }
+    }
+}
+
+impl std::str::FromStr for KvBudget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = (&t[..split], t[split..].trim());
+        let n: u64 = num.parse().map_err(|_| {
+            format!("a number of tokens or a size like \"1536 MiB\" expected, got '{text}'")
+        })?;
+        let budget = match unit.to_ascii_lowercase().as_str() {
+            "" | "tokens" => KvBudget::Tokens(n as usize),
+            "mib" | "m" | "mb" => KvBudget::Bytes(n << 20),
+            "gib" | "g" | "gb" => KvBudget::Bytes(n << 30),
+            _ => {
+                return Err(format!(
+                    "unknown unit '{unit}' in '{text}' (tokens, MiB or GiB)"
+                ))
+            }
+        };
+        if n == 0 {
+            return Err(format!("'{text}' leaves no room for the KV pool"));
+        }
+        Ok(budget)
+    }
+}
+
+impl Serialize for KvBudget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            KvBudget::Tokens(n) => s.serialize_u64(n as u64),
+            KvBudget::Bytes(b) => s.serialize_str(&format!("{} MiB", b >> 20)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KvBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Tokens(u64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Tokens(n) => n.to_string(),
+            Raw::Text(t) => t,
+        };
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -354,6 +435,31 @@ mod tests {
         let e = Config::parse("[mqtt]\nprotocol = \"3\"").unwrap_err();
         assert!(e.contains("protocol"), "{e}");
         assert_eq!(from_name::<KvType>("--kv-type", "f32"), Ok(KvType::F32));
+        assert_eq!(from_name::<KvType>("--kv-type", "q8_0"), Ok(KvType::Q8_0));
+        let budget = |t: &str| Config::parse(t).map(|c| c.kv_budget);
+        assert_eq!(budget("kv_budget = 2048"), Ok(KvBudget::Tokens(2048)));
+        assert_eq!(
+            budget("kv_budget = \"1536 MiB\""),
+            Ok(KvBudget::Bytes(1536 << 20))
+        );
+        assert_eq!(budget("kv_budget = \"2GiB\""), Ok(KvBudget::Bytes(2 << 30)));
+        for bad in [
+            "kv_budget = 0",
+            "kv_budget = \"12 parsecs\"",
+            "kv_budget = \"lots\"",
+        ] {
+            let e = budget(bad).unwrap_err();
+            assert!(e.contains("kv_budget"), "{bad}: {e}");
+        }
+        assert_eq!(
+            from_name::<KvBudget>("--kv-budget", "3000"),
+            Ok(KvBudget::Tokens(3000))
+        );
+        assert_eq!(KvBudget::Bytes(1 << 30).tokens(512 << 10), 2048);
+        let e = Config::parse("model = \"m\"\nparallel = 0")
+            .unwrap()
+            .validate();
+        assert!(e.unwrap_err().contains("parallel"));
         assert!(from_name::<MemoryCheck>("--memory-check", "maybe")
             .unwrap_err()
             .contains("--memory-check"));

@@ -24,7 +24,7 @@ pub mod scheduler;
 pub mod transport;
 
 use crate::gguf::checksum::Verdict;
-use crate::model::{KvType, Model, Prefetch};
+use crate::model::{KvPool, KvType, Model, Prefetch};
 use crate::tokenizer::Tokenizer;
 use config::{Config, MemoryCheck};
 use logging::{log_error, log_info, log_warn};
@@ -98,7 +98,22 @@ pub fn serve(
         model.kernels.name(),
         model.threads()
     );
-    prepare(&cfg, &model, n_ctx, kv_type)?;
+    let bytes_per_token = KvPool::full_bytes(kv_type, model.hp.n_layer, model.hp.n_embd, 1)
+        / crate::model::kv_pool::BLOCK as u64;
+    let pool_tokens = cfg.kv_budget.tokens(bytes_per_token);
+    if pool_tokens < n_ctx {
+        return Err(format!(
+            "kv_budget holds {pool_tokens} tokens, less than one full context \
+             (ctx = {n_ctx}): raise kv_budget or lower ctx"
+        ));
+    }
+    log_info!(
+        "KV pool: {pool_tokens} tokens ({} MiB of {}), up to {} requests at once",
+        KvPool::full_bytes(kv_type, model.hp.n_layer, model.hp.n_embd, pool_tokens) >> 20,
+        kv_type.name(),
+        cfg.parallel
+    );
+    prepare(&cfg, &model, pool_tokens, kv_type)?;
     if signals.try_recv().is_ok() {
         log_info!("stop requested while preparing; exiting");
         return Ok(());
@@ -108,12 +123,14 @@ pub fn serve(
         Arc::new(tok),
         SchedulerConfig {
             queue_size: cfg.queue_size,
+            parallel: cfg.parallel,
             n_ctx,
+            kv_pool_tokens: pool_tokens,
             kv_type,
             default_max_tokens: cfg.default_max_tokens,
             kv_keep_tokens: cfg.kv_keep_tokens,
         },
-    );
+    )?;
     let mut server = UnixServer::spawn(
         listener,
         worker.scheduler().clone(),
@@ -189,8 +206,8 @@ pub fn serve(
 /// What happens between loading the model and serving: the memory budget,
 /// the integrity check, locking and prefetching the weights. Errors stop
 /// the daemon before it reports READY.
-fn prepare(cfg: &Config, model: &Model, n_ctx: usize, kv_type: KvType) -> Result<(), String> {
-    let budget = budget::Budget::new(model, n_ctx, kv_type);
+fn prepare(cfg: &Config, model: &Model, pool_tokens: usize, kv_type: KvType) -> Result<(), String> {
+    let budget = budget::Budget::new(model, pool_tokens, kv_type);
     match budget.shortfall() {
         Ok(None) => log_info!("memory budget: {} fits", budget.summary()),
         Ok(Some(why)) if cfg.memory_check == MemoryCheck::Warn => {

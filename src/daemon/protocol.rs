@@ -457,7 +457,16 @@ pub struct Health {
     pub queue_depth: usize,
     pub queue_capacity: usize,
     pub running: usize,
+    /// Requests that may generate together.
+    pub parallel: usize,
     pub n_ctx: usize,
+    /// The KV pool: positions it holds for all requests together, its
+    /// size, positions held by running requests, and positions of finished
+    /// ones kept for prefix reuse.
+    pub kv_pool_tokens: usize,
+    pub kv_pool_mib: f64,
+    pub kv_in_use_tokens: usize,
+    pub kv_cached_tokens: usize,
     pub requests_total: u64,
     pub completion_tokens_total: u64,
     /// Generation speed of the last finished request.

@@ -1,10 +1,22 @@
 //! The one inference worker and the bounded queue in front of it. Every
-//! transport submits here; the worker owns the model session, so the KV
-//! cache of the last prompt survives between requests (the prefix cache).
+//! transport submits here; the worker owns the engine and its KV pool.
 //!
-//! Jobs run one at a time: on the small devices this daemon targets, one
-//! generation already uses every core, and interleaving would only thrash
-//! the cache. The worker never blocks on a client: it hands events to an
+//! Continuous batching: up to `parallel` requests run together. Each step
+//! is one forward pass over the next token of every decoding request plus
+//! a chunk of at most one waiting prompt, so a weight is read once for all
+//! of them; requests join at the next step and leave when done. A long
+//! prompt is read a chunk per step, between the decode steps of the
+//! others, so their replies keep flowing; cancel, deadlines and shutdown
+//! are looked at before every step.
+//!
+//! The KV pool is bounded. A request is admitted only when the pool can
+//! hold its prompt; a running request that cannot grow takes the blocks
+//! of the most recently admitted other one, which goes back to the head of
+//! the line and later resumes where it was (its prompt and reply so far
+//! recomputed, or found in the prefix index). The pool always holds one
+//! full context, so the oldest request always finishes.
+//!
+//! The worker never blocks on a client: it hands events to an
 //! [`EventSink`], which must return at once.
 
 use super::logging::{log_debug, log_error, log_info};
@@ -12,8 +24,9 @@ use super::metrics::{self, Metrics};
 use super::protocol::{
     ApiError, Done, ErrorCode, Event, Health, Limits, Logprobs, Request, Timings, Usage,
 };
-use crate::generate::{self, FinishReason, Flow};
-use crate::model::{EngineError, KvType, Model, Session};
+use crate::generate::{self, FinishReason, Flow, Generation, Generator, Next};
+use crate::model::forward::MAX_BATCH;
+use crate::model::{Engine, KvType, Logits, Model, Sequence, Step};
 use crate::tokenizer::Tokenizer;
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
@@ -66,8 +79,8 @@ impl Job {
 
 struct State {
     queue: VecDeque<Job>,
-    /// The cancel flag of the job the worker is running.
-    running: Option<(u64, Arc<AtomicBool>)>,
+    /// The cancel flags of the jobs the worker is running.
+    running: Vec<(u64, Arc<AtomicBool>)>,
     accepting: bool,
     next_ticket: u64,
 }
@@ -82,14 +95,25 @@ struct Stats {
     last_tokens_per_s: f64,
 }
 
+/// The KV pool as the last step left it, for `health`.
+#[derive(Default, Clone, Copy)]
+struct PoolStats {
+    tokens: usize,
+    in_use_tokens: usize,
+    cached_tokens: usize,
+    bytes: u64,
+}
+
 struct Shared {
     state: Mutex<State>,
     /// Signalled when a job is queued, when the worker finishes one, and on shutdown.
     changed: Condvar,
     stats: Mutex<Stats>,
+    pool: Mutex<PoolStats>,
     tok: Arc<Tokenizer>,
     limits: Limits,
     capacity: usize,
+    parallel: usize,
     model_name: String,
     kernels: &'static str,
     /// Every kernel set this CPU offers, best first (for `health`).
@@ -134,9 +158,13 @@ impl Shared {
 }
 
 pub struct SchedulerConfig {
-    /// Requests that may wait behind the running one.
+    /// Requests that may wait behind the running ones.
     pub queue_size: usize,
+    /// Requests generating together.
+    pub parallel: usize,
     pub n_ctx: usize,
+    /// Positions the KV pool holds, for all requests together (at least `n_ctx`).
+    pub kv_pool_tokens: usize,
     pub kv_type: KvType,
     pub default_max_tokens: usize,
     /// Cached tokens kept for prefix reuse when the worker goes idle; the
@@ -159,23 +187,31 @@ pub struct Worker {
 
 impl Scheduler {
     /// Starts the inference worker. The context is capped at the model's.
-    pub fn start(model: Model, tok: Arc<Tokenizer>, cfg: SchedulerConfig) -> Worker {
+    /// Fails when the pool cannot be reserved.
+    pub fn start(
+        model: Model,
+        tok: Arc<Tokenizer>,
+        cfg: SchedulerConfig,
+    ) -> Result<Worker, String> {
         let n_ctx = cfg.n_ctx.clamp(1, model.hp.context_length);
+        let engine = Engine::new(&model, n_ctx, cfg.kv_pool_tokens.max(n_ctx), cfg.kv_type)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: VecDeque::with_capacity(cfg.queue_size),
-                running: None,
+                running: Vec::new(),
                 accepting: true,
                 next_ticket: 0,
             }),
             changed: Condvar::new(),
             stats: Mutex::new(Stats::default()),
+            pool: Mutex::new(pool_stats(&engine)),
             tok,
             limits: Limits {
                 n_ctx,
                 default_max_tokens: cfg.default_max_tokens,
             },
             capacity: cfg.queue_size,
+            parallel: cfg.parallel.max(1),
             model_name: model.name().to_string(),
             kernels: model.kernels.name(),
             kernels_available: crate::kernels::available()
@@ -200,13 +236,22 @@ impl Scheduler {
                     }
                 }
                 let alive = Alive(for_worker);
-                work(&alive.0, &model, cfg.kv_type, cfg.kv_keep_tokens);
+                Batcher {
+                    shared: &alive.0,
+                    model: &model,
+                    engine,
+                    active: Vec::new(),
+                    preempted: VecDeque::new(),
+                    keep: cfg.kv_keep_tokens,
+                    logits: Vec::new(),
+                }
+                .work();
             })
-            .expect("cannot start the inference worker thread");
-        Worker {
+            .map_err(|e| format!("cannot start the inference worker thread: {e}"))?;
+        Ok(Worker {
             scheduler: Scheduler { shared },
             thread: Some(thread),
-        }
+        })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -267,7 +312,7 @@ impl Scheduler {
     }
 
     /// Cancels a job: a queued one is answered at once, a running one stops
-    /// at its next token. Its reply is a `done` with `finish_reason: "cancelled"`.
+    /// before the next step. Its reply is a `done` with `finish_reason: "cancelled"`.
     pub fn cancel(&self, job: &JobHandle) {
         job.cancel.store(true, Ordering::SeqCst);
         let removed = {
@@ -287,8 +332,9 @@ impl Scheduler {
     pub fn health(&self) -> Health {
         let (queue_depth, running) = {
             let st = self.shared.lock();
-            (st.queue.len(), usize::from(st.running.is_some()))
+            (st.queue.len(), st.running.len())
         };
+        let pool = *self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
         let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         let alive = self.is_alive();
         Health {
@@ -300,7 +346,12 @@ impl Scheduler {
             queue_depth,
             queue_capacity: self.shared.capacity,
             running,
+            parallel: self.shared.parallel,
             n_ctx: self.shared.limits.n_ctx,
+            kv_pool_tokens: pool.tokens,
+            kv_pool_mib: pool.bytes as f64 / (1 << 20) as f64,
+            kv_in_use_tokens: pool.in_use_tokens,
+            kv_cached_tokens: pool.cached_tokens,
             requests_total: stats.requests_total,
             completion_tokens_total: stats.completion_tokens_total,
             tokens_per_s: stats.last_tokens_per_s,
@@ -339,7 +390,7 @@ impl Worker {
     }
 
     /// Stops taking requests, answers the queued ones with `shutting_down`,
-    /// lets the running one finish for up to `drain`, then cancels it.
+    /// lets the running ones finish for up to `drain`, then cancels them.
     /// `hurry` ends the drain early when it receives anything (a second
     /// signal).
     pub fn shutdown(mut self, drain: Duration, hurry: &std::sync::mpsc::Receiver<()>) {
@@ -358,10 +409,10 @@ impl Worker {
         }
         let until = Instant::now() + drain;
         let mut st = shared.lock();
-        while st.running.is_some() && self.scheduler.is_alive() {
+        while !st.running.is_empty() && self.scheduler.is_alive() {
             let now = Instant::now();
             if now >= until || hurry.try_recv().is_ok() {
-                if let Some((_, cancel)) = &st.running {
+                for (_, cancel) in &st.running {
                     cancel.store(true, Ordering::SeqCst);
                 }
                 break;
@@ -419,155 +470,420 @@ fn cancelled_before_start(job: &Job) -> Event {
     }))
 }
 
-/// The worker loop: takes jobs until shutdown empties the queue.
-fn work(shared: &Shared, model: &Model, kv_type: KvType, keep: usize) {
-    let mut session = Session::new(model, shared.limits.n_ctx, kv_type);
-    let mut released = true;
-    loop {
-        let job = {
-            let mut st = shared.lock();
-            loop {
-                if let Some(job) = st.queue.pop_front() {
-                    st.running = Some((job.ticket, job.cancel.clone()));
-                    break job;
-                }
-                if !st.accepting {
-                    return;
-                }
-                if !released {
-                    // Idle now: give back what the last requests grew, but
-                    // not between queued requests (they may share a prefix).
-                    drop(st);
-                    session.release(keep);
-                    released = true;
-                    log_debug!("idle: kept {} cached tokens", session.pos());
-                    st = shared.lock();
+/// Prompt tokens per step while other requests decode: their next token
+/// waits for the chunk, so this bounds the gap between their tokens.
+const BUSY_CHUNK: usize = 16;
+
+/// Prompt tokens a step may read: a full batch when nobody waits for a
+/// token, a short chunk while others decode.
+pub fn prefill_budget(others_decoding: bool) -> usize {
+    if others_decoding {
+        BUSY_CHUNK
+    } else {
+        MAX_BATCH
+    }
+}
+
+fn pool_stats(engine: &Engine) -> PoolStats {
+    let pool = engine.pool();
+    let block = crate::model::kv_pool::BLOCK;
+    PoolStats {
+        tokens: pool.capacity(),
+        in_use_tokens: pool.blocks_in_use() * block,
+        cached_tokens: pool.blocks_cached() * block,
+        bytes: pool.bytes() as u64,
+    }
+}
+
+/// A request the worker has taken on.
+struct Active<'t> {
+    job: Job,
+    gen: Generator<'t>,
+    seq: Sequence,
+    /// The prompt, then every reply token the generator asked to run: what
+    /// `seq` must hold before the next logits.
+    tokens: Vec<u32>,
+    /// Pieces of text streamed so far.
+    pieces: usize,
+    /// From arrival to the first admission.
+    queued: Duration,
+}
+
+impl Active<'_> {
+    /// Tokens still to run before the next logits: 1 while decoding, more
+    /// while a prompt (or a preempted reply) is read.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.seq.len()
+    }
+}
+
+/// Streams a job's text and notices a client that left.
+fn text_sink<'s>(job: &'s mut Job, pieces: &'s mut usize) -> impl FnMut(&str) -> Flow + 's {
+    move |piece| {
+        if job.stream
+            && !job.sink.send(Event::Token {
+                index: *pieces,
+                text: piece.to_string(),
+            })
+        {
+            job.cancel.store(true, Ordering::SeqCst);
+            return Flow::Cancel;
+        }
+        *pieces += 1;
+        Flow::Continue
+    }
+}
+
+/// The worker: the engine, the requests running on it, and those waiting
+/// to resume after a preemption (they go before the queue).
+struct Batcher<'a> {
+    shared: &'a Shared,
+    model: &'a Model,
+    engine: Engine,
+    active: Vec<Active<'a>>,
+    preempted: VecDeque<Active<'a>>,
+    /// Cached tokens kept when idle.
+    keep: usize,
+    logits: Vec<f32>,
+}
+
+impl<'a> Batcher<'a> {
+    /// Runs steps until shutdown empties the queue and every request is answered.
+    fn work(mut self) {
+        let mut released = true;
+        let mut last_expiry_check = Instant::now();
+        loop {
+            if !self.admit(&mut released) {
+                return;
+            }
+            released = false;
+            // Queued jobs must hear about their deadline even while long
+            // generations hold the worker.
+            if last_expiry_check.elapsed() > Duration::from_millis(100) {
+                last_expiry_check = Instant::now();
+                self.shared.expire_queued();
+            }
+            // A bug in one step must not end the service: its clients get
+            // an error and the engine, whose state is unknown, starts afresh.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if outcome.is_err() {
+                self.recover();
+            }
+            *self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool_stats(&self.engine);
+        }
+    }
+
+    /// Takes waiting requests while there is room; when nothing runs,
+    /// gives memory back and sleeps. False once shut down with nothing left.
+    fn admit(&mut self, released: &mut bool) -> bool {
+        loop {
+            while self.active.len() < self.shared.parallel {
+                if let Some(a) = self.preempted.front() {
+                    if !self.fits(a.tokens.len()) {
+                        break;
+                    }
+                    let mut a = self.preempted.pop_front().expect("front");
+                    a.seq = self.lookup(&a.tokens);
+                    self.active.push(a);
                     continue;
                 }
-                st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                let job = {
+                    let mut st = self.shared.lock();
+                    match st.queue.front() {
+                        Some(j) if self.fits(j.prompt.len()) => {
+                            let j = st.queue.pop_front().expect("front");
+                            st.running.push((j.ticket, j.cancel.clone()));
+                            j
+                        }
+                        _ => break,
+                    }
+                };
+                self.start(job);
             }
-        };
-        released = false;
-        // A bug in one request must not end the service: the client gets
-        // an error and the session, whose state is unknown, starts afresh.
+            if !self.active.is_empty() {
+                return true;
+            }
+            let st = self.shared.lock();
+            if !st.queue.is_empty() {
+                continue;
+            }
+            if !st.accepting {
+                return false;
+            }
+            if !*released {
+                // Idle now: give back what the last requests grew, but not
+                // between queued requests (they may share a prefix).
+                drop(st);
+                self.engine.release_memory(self.keep);
+                *released = true;
+                *self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()) =
+                    pool_stats(&self.engine);
+                log_debug!(
+                    "idle: kept {} cached tokens",
+                    self.engine.pool().blocks_cached() * crate::model::kv_pool::BLOCK
+                );
+                continue;
+            }
+            drop(
+                self.shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        }
+    }
+
+    /// Whether a sequence of `tokens` may start: always when nothing else
+    /// runs (the pool holds a full context), otherwise when the pool has
+    /// room for all of it, so running requests keep room to grow.
+    fn fits(&self, tokens: usize) -> bool {
+        let pool = self.engine.pool();
+        self.active.is_empty()
+            || tokens.div_ceil(crate::model::kv_pool::BLOCK) <= pool.blocks_available()
+    }
+
+    /// The longest cached prefix of `tokens`, leaving the last one to run:
+    /// its logits are the next ones.
+    fn lookup(&mut self, tokens: &[u32]) -> Sequence {
+        self.engine.pool_mut().lookup(tokens, tokens.len() - 1)
+    }
+
+    fn start(&mut self, job: Job) {
+        let now = Instant::now();
         let mut job = job;
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run(shared, model, &mut session, &mut job)
-        }));
-        if outcome.is_err() {
-            log_error!("a request panicked; the KV cache is reset");
-            session = Session::new(model, shared.limits.n_ctx, kv_type);
-            if !job.answered {
-                job.finish(Event::error(
+        if job.cancel.load(Ordering::SeqCst) {
+            let done = cancelled_before_start(&job);
+            job.finish(done);
+        } else if job.deadline.is_some_and(|d| d <= now) {
+            job.finish(Event::error(
+                ErrorCode::DeadlineExceeded,
+                "timeout_ms passed while the request was queued",
+            ));
+        } else {
+            let seq = self.lookup(&job.prompt);
+            let tok: &'a Tokenizer = &self.shared.tok;
+            let gen = Generator::new(tok, &job.prompt, &job.params, seq.len());
+            self.active.push(Active {
+                tokens: job.prompt.clone(),
+                queued: now - job.arrived,
+                job,
+                gen,
+                seq,
+                pieces: 0,
+            });
+            return;
+        }
+        self.shared.forget(job.ticket);
+    }
+
+    /// One forward pass over the next tokens of every running request.
+    fn step(&mut self) {
+        let now = Instant::now();
+        for i in (0..self.active.len()).rev() {
+            let j = &self.active[i].job;
+            if j.cancel.load(Ordering::SeqCst) || j.deadline.is_some_and(|d| d <= now) {
+                let mut a = self.active.remove(i);
+                a.gen.cancel();
+                self.finish(a);
+            }
+        }
+        if self.active.is_empty() {
+            return;
+        }
+        let plan = loop {
+            let plan = self.plan();
+            let pool = self.engine.pool();
+            let needed: usize = plan
+                .iter()
+                .map(|&(i, n, _)| pool.blocks_needed(&self.active[i].seq, n))
+                .sum();
+            if needed <= pool.blocks_available() || self.active.len() == 1 {
+                break plan;
+            }
+            self.preempt_youngest();
+        };
+
+        let n_ctx = self.engine.n_ctx();
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            let Some(&(_, n, logits)) = planned.next_if(|p| p.0 == i) else {
+                continue;
+            };
+            let from = a.seq.len();
+            steps.push(Step {
+                seq: &mut a.seq,
+                tokens: &a.tokens[from..from + n],
+                logits,
+            });
+        }
+        let result = self.engine.step(self.model, &mut steps);
+        drop(steps);
+        match result {
+            Ok(out) => {
+                self.logits.clear();
+                self.logits.extend_from_slice(out);
+            }
+            Err(e) => {
+                // Checked before each step; reaching this is a bug, and
+                // only the requests in the step can be blamed.
+                log_error!("a step failed: {e}");
+                for &(i, _, _) in plan.iter().rev() {
+                    let mut a = self.active.remove(i);
+                    self.engine.pool_mut().release(std::mem::take(&mut a.seq));
+                    a.job
+                        .finish(Event::error(ErrorCode::Internal, e.to_string()));
+                    self.shared.forget(a.job.ticket);
+                }
+                return;
+            }
+        }
+
+        let vocab = self.model.hp.vocab_size;
+        let mut rows = self.logits.chunks_exact_mut(vocab);
+        let mut done = Vec::new();
+        for &(i, _, logits) in &plan {
+            if logits != Logits::Last {
+                continue;
+            }
+            let row = rows.next().expect("one row per Last step");
+            let a = &mut self.active[i];
+            let room = a.seq.len() < n_ctx;
+            let Active {
+                job, gen, pieces, ..
+            } = a;
+            match gen.advance(row, room, &mut text_sink(job, pieces)) {
+                Next::Feed(id) => a.tokens.push(id),
+                Next::Done => done.push(i),
+            }
+        }
+        for &i in done.iter().rev() {
+            let a = self.active.remove(i);
+            self.finish(a);
+        }
+    }
+
+    /// What each running request runs this step: `(index, tokens, logits)`.
+    /// Every decoding request its one token; the waiting prompts share a
+    /// chunk, small while others decode so that their tokens keep coming.
+    fn plan(&self) -> Vec<(usize, usize, Logits)> {
+        let decoding = self.active.iter().any(|a| a.pending() == 1);
+        let mut budget = prefill_budget(decoding);
+        let mut plan = Vec::with_capacity(self.active.len());
+        for (i, a) in self.active.iter().enumerate() {
+            let p = a.pending();
+            if p == 1 {
+                plan.push((i, 1, Logits::Last));
+            } else if budget > 0 {
+                let n = p.min(budget);
+                budget -= n;
+                let logits = if n == p { Logits::Last } else { Logits::None };
+                plan.push((i, n, logits));
+            }
+        }
+        plan
+    }
+
+    /// Gives the pool blocks of the most recently admitted request to the
+    /// others; it resumes when there is room again. Its indexed blocks stay
+    /// cached, so a resume often finds most of them.
+    fn preempt_youngest(&mut self) {
+        let mut a = self.active.pop().expect("more than one running");
+        self.engine.pool_mut().release(std::mem::take(&mut a.seq));
+        log_info!(
+            "KV pool full: a request is paused at {} tokens until others finish",
+            a.tokens.len()
+        );
+        self.preempted.push_front(a);
+    }
+
+    fn finish(&mut self, a: Active<'a>) {
+        let Active {
+            mut job,
+            gen,
+            seq,
+            mut pieces,
+            queued,
+            ..
+        } = a;
+        self.engine.pool_mut().release(seq);
+        let g = gen.finish(&mut text_sink(&mut job, &mut pieces));
+        let event = done_event(self.shared, &job, g, queued);
+        job.finish(event);
+        self.shared.forget(job.ticket);
+    }
+
+    /// After a panic: every request in flight gets an error, and the engine
+    /// starts afresh.
+    fn recover(&mut self) {
+        log_error!("a step panicked; its requests fail and the KV pool is reset");
+        let all: Vec<Active<'a>> = self
+            .active
+            .drain(..)
+            .chain(self.preempted.drain(..))
+            .collect();
+        for mut a in all {
+            if !a.job.answered {
+                a.job.finish(Event::error(
                     ErrorCode::Internal,
                     "the request failed inside the daemon",
                 ));
             }
+            self.shared.forget(a.job.ticket);
         }
-        shared.lock().running = None;
-        shared.changed.notify_all();
-        shared.expire_queued();
+        let pool = self.engine.pool();
+        let (n_ctx, tokens, ty) = (self.engine.n_ctx(), pool.capacity(), pool.kv_type());
+        self.engine = Engine::new(self.model, n_ctx, tokens, ty)
+            .unwrap_or_else(|e| panic!("cannot rebuild the engine: {e}"));
     }
 }
 
-fn run(shared: &Shared, model: &Model, session: &mut Session, job: &mut Job) {
-    if job.cancel.load(Ordering::SeqCst) {
-        let done = cancelled_before_start(job);
-        job.finish(done);
-        return;
+impl Shared {
+    /// A job left the worker: shutdown may be waiting for that.
+    fn forget(&self, ticket: u64) {
+        self.lock().running.retain(|(t, _)| *t != ticket);
+        self.changed.notify_all();
     }
-    let started = Instant::now();
-    if job.deadline.is_some_and(|d| d <= started) {
-        job.finish(Event::error(
-            ErrorCode::DeadlineExceeded,
-            "timeout_ms passed while the request was queued",
-        ));
-        return;
+}
+
+fn done_event(shared: &Shared, job: &Job, g: Generation, queued: Duration) -> Event {
+    let mut stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+    stats.requests_total += 1;
+    stats.completion_tokens_total += g.completion_tokens() as u64;
+    stats.decode_secs_total += g.decode_time.as_secs_f64();
+    let decoded = g.completion_tokens().saturating_sub(1) as u64;
+    stats.decoded_tokens_total += decoded;
+    // A one-token reply has no decode speed; keep the last known one.
+    if decoded > 0 {
+        stats.last_tokens_per_s = g.decode_tokens_per_s();
     }
-    let queued = started - job.arrived;
-    let mut last_expiry_check = started;
-    let mut pieces = 0usize;
-    let (sink, cancel, deadline, stream) = (&mut job.sink, &job.cancel, job.deadline, job.stream);
-    let result = generate::generate(
-        model,
-        session,
-        &shared.tok,
-        &job.prompt,
-        &job.params,
-        &mut |piece| {
-            let now = Instant::now();
-            // Queued jobs must hear about their deadline even while a long
-            // generation holds the worker.
-            if now - last_expiry_check > Duration::from_millis(100) {
-                last_expiry_check = now;
-                shared.expire_queued();
-            }
-            if cancel.load(Ordering::SeqCst) || deadline.is_some_and(|d| d <= now) {
-                return Flow::Cancel;
-            }
-            if stream
-                && !sink.send(Event::Token {
-                    index: pieces,
-                    text: piece.to_string(),
-                })
-            {
-                cancel.store(true, Ordering::SeqCst);
-                return Flow::Cancel;
-            }
-            pieces += 1;
-            Flow::Continue
-        },
+    drop(stats);
+    // Sizes and speeds only: prompts and replies stay out of the journal.
+    log_info!(
+        "request done: {} prompt tokens ({} cached), {} generated, {:.1} tok/s, finish {}",
+        g.prompt_tokens,
+        g.cached_tokens,
+        g.completion_tokens(),
+        g.decode_tokens_per_s(),
+        g.finish.as_str()
     );
-    let event = match result {
-        Ok(g) => {
-            let mut stats = shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.requests_total += 1;
-            stats.completion_tokens_total += g.completion_tokens() as u64;
-            stats.decode_secs_total += g.decode_time.as_secs_f64();
-            let decoded = g.completion_tokens().saturating_sub(1) as u64;
-            stats.decoded_tokens_total += decoded;
-            // A one-token reply has no decode speed; keep the last known one.
-            if decoded > 0 {
-                stats.last_tokens_per_s = g.decode_tokens_per_s();
-            }
-            drop(stats);
-            // Sizes and speeds only: prompts and replies stay out of the journal.
-            log_info!(
-                "request done: {} prompt tokens ({} cached), {} generated, {:.1} tok/s, finish {}",
-                g.prompt_tokens,
-                g.cached_tokens,
-                g.completion_tokens(),
-                g.decode_tokens_per_s(),
-                g.finish.as_str()
-            );
-            Event::Done(Box::new(Done {
-                finish_reason: g.finish,
-                usage: Usage {
-                    prompt_tokens: g.prompt_tokens,
-                    completion_tokens: g.completion_tokens(),
-                    cached_tokens: g.cached_tokens,
-                },
-                timings: Timings {
-                    queued_ms: ms(queued),
-                    prompt_ms: ms(g.prefill_time),
-                    generation_ms: ms(g.decode_time),
-                    prompt_tokens_per_s: g.prefill_tokens_per_s(),
-                    generation_tokens_per_s: g.decode_tokens_per_s(),
-                },
-                seed: job.params.sampling.seed,
-                logprobs: (job.params.logprobs > 0)
-                    .then(|| Logprobs::from_generation(&shared.tok, &g.logprobs)),
-                text: g.text,
-            }))
-        }
-        Err(EngineError::ContextFull { needed, capacity }) => Event::error(
-            ErrorCode::ContextLengthExceeded,
-            format!("{needed} tokens needed, the context holds {capacity}"),
-        ),
-        Err(e) => {
-            log_error!("generation failed: {e}");
-            Event::error(ErrorCode::Internal, e.to_string())
-        }
-    };
-    job.finish(event);
+    Event::Done(Box::new(Done {
+        finish_reason: g.finish,
+        usage: Usage {
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.completion_tokens(),
+            cached_tokens: g.cached_tokens,
+        },
+        timings: Timings {
+            queued_ms: ms(queued),
+            prompt_ms: ms(g.prefill_time),
+            generation_ms: ms(g.decode_time),
+            prompt_tokens_per_s: g.prefill_tokens_per_s(),
+            generation_tokens_per_s: g.decode_tokens_per_s(),
+        },
+        seed: job.params.sampling.seed,
+        logprobs: (job.params.logprobs > 0)
+            .then(|| Logprobs::from_generation(&shared.tok, &g.logprobs)),
+        text: g.text,
+    }))
 }

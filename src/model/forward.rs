@@ -12,12 +12,16 @@
 //! logits = LayerNorm(x; ln_f) @ wteᵀ * (mup_output_alpha * mup_width_scale)
 //! ```
 //!
-//! A [`Session`] holds one sequence's KV cache and scratch buffers. Prompts
-//! are run in batches of up to [`MAX_BATCH`] tokens (matrix × matrix, so a
-//! weight block is loaded once per batch); generation runs one token at a
-//! time against the cache.
+//! An [`Engine`] holds the KV pool and the scratch buffers. One
+//! [`Engine::step`] runs the next tokens of any number of sequences
+//! together: their rows go through every weight matrix as one matrix
+//! (up to [`MAX_BATCH`] rows at a time, so a weight block is loaded once
+//! for all of them), and only attention is per sequence, through each
+//! sequence's block table. A prompt is one sequence's many rows; decoding
+//! four replies is four sequences' one row each. A [`Session`] is an
+//! engine with a single sequence, for the command line.
 
-use super::kv_cache::{KvCache, KvSlice, KvType};
+use super::kv_pool::{KvPool, KvSlice, KvType, Sequence, BLOCK};
 use super::ops;
 use super::{EngineError, Model, TensorLoc};
 use crate::kernels::{ActType, Acts, PackBuf, Packed, Weight};
@@ -28,13 +32,33 @@ use rayon::prelude::*;
 /// times, small enough that the scratch buffers stay a few MB.
 pub const MAX_BATCH: usize = 64;
 
-/// Which logits a forward call returns.
+/// Which logits a step returns for a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
+    /// None: a prompt chunk before the last skips the output head.
+    None,
     /// Only the last token's (generation).
     Last,
     /// Every token's, `[n_tokens, vocab]` (evaluation).
     All,
+}
+
+/// One sequence's part of a step: `tokens` are run at positions
+/// `seq.len()..`, then added to `seq`.
+pub struct Step<'a> {
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// One row of a step: which step, its position and token, and whether its
+/// logits are wanted.
+#[derive(Clone, Copy)]
+struct Row {
+    step: usize,
+    pos: usize,
+    token: u32,
+    logits: bool,
 }
 
 /// The most scratch memory a session uses (the buffers below at a full
@@ -50,12 +74,13 @@ pub fn scratch_bytes(hp: &crate::model_file::Hparams, n_ctx: usize) -> u64 {
     (floats * 4 + q8 + rope + n_ctx * 4 * 64) as u64
 }
 
-pub struct Session {
-    kv: KvCache,
-    /// The tokens whose keys and values are in the cache, in order.
-    history: Vec<u32>,
+pub struct Engine {
+    pool: KvPool,
+    /// The longest sequence a step may build.
+    n_ctx: usize,
     rope: Vec<(f32, f32)>,
-    // Scratch, sized for MAX_BATCH tokens.
+    rows: Vec<Row>,
+    // Scratch, sized for MAX_BATCH rows.
     x: Vec<f32>,
     h: Vec<f32>,
     qkv: Vec<f32>,
@@ -70,21 +95,28 @@ pub struct Session {
     logits: Vec<f32>,
 }
 
-impl Session {
-    /// A session with room for `n_ctx` tokens (at most the model's context length).
-    pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Session {
+impl Engine {
+    /// An engine whose sequences may grow to `n_ctx` tokens (at most the
+    /// model's context length) and whose KV pool holds `pool_tokens`
+    /// positions in all. Fails when the address space cannot hold the pool.
+    pub fn new(
+        model: &Model,
+        n_ctx: usize,
+        pool_tokens: usize,
+        kv_type: KvType,
+    ) -> Result<Engine, String> {
         let hp = &model.hp;
         let n_ctx = n_ctx.clamp(1, hp.context_length);
-        let d = hp.n_embd;
-        let kv = KvCache::new(kv_type, hp.n_layer, n_ctx, d).unwrap_or_else(|e| {
-            let mib = KvCache::full_bytes(kv_type, hp.n_layer, n_ctx, d) >> 20;
-            panic!("cannot reserve {mib} MiB of address space for the KV cache: {e}")
-        });
-        Session {
-            kv,
-            history: Vec::with_capacity(n_ctx),
+        let pool = KvPool::new(kv_type, hp.n_layer, hp.n_embd, pool_tokens).map_err(|e| {
+            let mib = KvPool::full_bytes(kv_type, hp.n_layer, hp.n_embd, pool_tokens) >> 20;
+            format!("cannot reserve {mib} MiB of address space for the KV pool: {e}")
+        })?;
+        Ok(Engine {
+            pool,
+            n_ctx,
             rope: ops::rope_table(n_ctx, hp.rotary_dim, hp.rope_freq_base),
-            x: Vec::with_capacity(MAX_BATCH * d),
+            rows: Vec::new(),
+            x: Vec::new(),
             h: Vec::new(),
             qkv: Vec::new(),
             att: Vec::new(),
@@ -96,40 +128,27 @@ impl Session {
             q8k: Vec::new(),
             packed: PackBuf::default(),
             logits: Vec::new(),
-        }
-    }
-
-    /// Tokens in the cache.
-    pub fn pos(&self) -> usize {
-        self.history.len()
-    }
-
-    /// The tokens in the cache: a new prompt sharing a prefix with them only
-    /// needs the rest computed.
-    pub fn history(&self) -> &[u32] {
-        &self.history
+        })
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.kv.n_ctx
+        self.n_ctx
     }
 
-    pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
     }
 
-    /// Forgets everything after the first `n` tokens (kept for prefix reuse).
-    pub fn truncate(&mut self, n: usize) {
-        self.history.truncate(n);
+    pub fn pool_mut(&mut self) -> &mut KvPool {
+        &mut self.pool
     }
 
-    /// Between requests: keeps the first `keep` cached tokens for prefix
-    /// reuse and returns the memory of the rest of the KV cache and of the
-    /// scratch buffers to the system, so one long request does not leave
-    /// the process owning its peak for good.
-    pub fn release(&mut self, keep: usize) {
-        self.history.truncate(keep);
-        self.kv.release_from(self.history.len());
+    /// While idle: keeps `keep_tokens` cached positions for prefix reuse
+    /// and returns the memory of the rest of the pool and of the scratch
+    /// buffers to the system, so one long request does not leave the
+    /// process owning its peak for good.
+    pub fn release_memory(&mut self, keep_tokens: usize) {
+        self.pool.trim(keep_tokens);
         for v in [
             &mut self.x,
             &mut self.h,
@@ -143,64 +162,82 @@ impl Session {
         ] {
             *v = Vec::new();
         }
+        self.rows = Vec::new();
         self.q8 = Vec::new();
         self.q8k = Vec::new();
         self.packed.release();
     }
 
-    /// Runs `tokens` at positions `pos()..pos() + tokens.len()` and returns
-    /// the requested logits. On error nothing is added to the cache.
-    pub fn forward(
-        &mut self,
-        model: &Model,
-        tokens: &[u32],
-        which: Logits,
-    ) -> Result<&[f32], EngineError> {
-        let hp = &model.hp;
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= hp.vocab_size) {
-            return Err(EngineError::TokenOutOfRange {
-                id,
-                vocab: hp.vocab_size,
-            });
-        }
-        if self.pos() + tokens.len() > self.kv.n_ctx {
-            return Err(EngineError::ContextFull {
-                needed: self.pos() + tokens.len(),
-                capacity: self.kv.n_ctx,
-            });
-        }
-        let vocab = hp.vocab_size;
-        let mut all = Vec::new();
-        if which == Logits::All {
-            all.reserve_exact(tokens.len() * vocab);
-        }
-        for batch in tokens.chunks(MAX_BATCH) {
-            let want_all = which == Logits::All;
-            self.run_batch(model, batch, want_all);
-            if want_all {
-                all.extend_from_slice(&self.logits);
+    /// Runs every step's tokens and returns the logits asked for, in step
+    /// order (`Last`: one row, `All`: one per token, `None`: nothing). On
+    /// error nothing is added to any sequence.
+    pub fn step(&mut self, model: &Model, steps: &mut [Step<'_>]) -> Result<&[f32], EngineError> {
+        let vocab = model.hp.vocab_size;
+        let mut needed = 0;
+        for s in steps.iter() {
+            if s.tokens.is_empty() {
+                return Err(EngineError::EmptyInput);
             }
+            if let Some(&id) = s.tokens.iter().find(|&&id| id as usize >= vocab) {
+                return Err(EngineError::TokenOutOfRange { id, vocab });
+            }
+            if s.seq.len() + s.tokens.len() > self.n_ctx {
+                return Err(EngineError::ContextFull {
+                    needed: s.seq.len() + s.tokens.len(),
+                    capacity: self.n_ctx,
+                });
+            }
+            needed += self.pool.blocks_needed(s.seq, s.tokens.len());
         }
-        if which == Logits::All {
-            self.logits = all;
+        if needed > self.pool.blocks_available() {
+            return Err(EngineError::PoolFull {
+                needed: needed * BLOCK,
+                available: self.pool.blocks_available() * BLOCK,
+            });
+        }
+        self.rows.clear();
+        for (i, s) in steps.iter_mut().enumerate() {
+            self.pool
+                .reserve(s.seq, s.tokens.len())
+                .expect("counted above");
+            let n = s.tokens.len();
+            self.rows
+                .extend(s.tokens.iter().enumerate().map(|(j, &token)| Row {
+                    step: i,
+                    pos: s.seq.len() + j,
+                    token,
+                    logits: match s.logits {
+                        Logits::None => false,
+                        Logits::Last => j + 1 == n,
+                        Logits::All => true,
+                    },
+                }));
+        }
+        self.logits.clear();
+        let rows = std::mem::take(&mut self.rows);
+        for chunk in rows.chunks(MAX_BATCH) {
+            self.run_chunk(model, steps, chunk);
+        }
+        self.rows = rows;
+        for s in steps.iter_mut() {
+            self.pool.commit(s.seq, s.tokens);
         }
         Ok(&self.logits)
     }
 
-    fn run_batch(&mut self, model: &Model, tokens: &[u32], all_logits: bool) {
+    /// Runs `rows` (whose steps' earlier rows are already in the pool)
+    /// through the model and appends the logits of the rows that want them.
+    fn run_chunk(&mut self, model: &Model, steps: &[Step<'_>], rows: &[Row]) {
         let hp = &model.hp;
         let k = model.kernels;
-        let (t, d, ff) = (tokens.len(), hp.n_embd, hp.n_ff);
+        let (t, d, ff) = (rows.len(), hp.n_embd, hp.n_ff);
 
         // Embedding lookup: one row of the (possibly quantized) table per token.
         let embd = model.weight(model.token_embd);
         self.x.resize(t * d, 0.0);
-        for (row, &id) in self.x.chunks_exact_mut(d).zip(tokens) {
-            quant::dequantize_row(embd.ty, embd.row(id as usize), row);
-            row.iter_mut().for_each(|v| *v *= hp.mup_embeddings_scale);
+        for (x, r) in self.x.chunks_exact_mut(d).zip(rows) {
+            quant::dequantize_row(embd.ty, embd.row(r.token as usize), x);
+            x.iter_mut().for_each(|v| *v *= hp.mup_embeddings_scale);
         }
 
         for (l, layer) in model.layers.iter().enumerate() {
@@ -234,7 +271,7 @@ impl Session {
                 &mut self.qkv,
                 &mut self.transposed,
             );
-            self.attention(model, l, t);
+            self.attention(model, l, steps, rows);
             self.proj.resize(t * d, 0.0);
             let w = model.weight(layer.attn_out_w);
             let acts = prepare(
@@ -332,16 +369,15 @@ impl Session {
             self.x.iter_mut().zip(&self.proj).for_each(|(x, p)| *x += p);
         }
 
-        // Output head, tied to the embedding.
-        let first = if all_logits { 0 } else { t - 1 };
-        let n_out = t - first;
+        // Output head, tied to the embedding, for the rows whose logits
+        // somebody reads.
+        let n_out = rows.iter().filter(|r| r.logits).count();
+        if n_out == 0 {
+            return;
+        }
         self.h.resize(n_out * d, 0.0);
-        for (x, h) in self
-            .x
-            .chunks_exact(d)
-            .skip(first)
-            .zip(self.h.chunks_exact_mut(d))
-        {
+        let wanted = self.x.chunks_exact(d).zip(rows).filter(|(_, r)| r.logits);
+        for ((x, _), h) in wanted.zip(self.h.chunks_exact_mut(d)) {
             ops::layer_norm(
                 x,
                 model.vector(model.output_norm_w),
@@ -350,7 +386,8 @@ impl Session {
                 h,
             );
         }
-        self.logits.resize(n_out * hp.vocab_size, 0.0);
+        let from = self.logits.len();
+        self.logits.resize(from + n_out * hp.vocab_size, 0.0);
         let head = model.weight(model.token_embd);
         let acts = prepare(
             k,
@@ -360,70 +397,137 @@ impl Session {
             &mut self.q8k,
             &mut self.packed,
         );
-        matmul(
-            model,
-            &head,
-            acts,
-            n_out,
-            &mut self.logits,
-            &mut self.transposed,
-        );
+        let out = &mut self.logits[from..];
+        matmul(model, &head, acts, n_out, out, &mut self.transposed);
         let scale = hp.logit_scale();
-        self.logits.iter_mut().for_each(|v| *v *= scale);
-        self.history.extend_from_slice(tokens);
+        out.iter_mut().for_each(|v| *v *= scale);
     }
 
-    /// Rotates q and k, appends k and v to the cache, and computes every
-    /// head's attention output for the `t` new tokens into `att`.
-    fn attention(&mut self, model: &Model, layer: usize, t: usize) {
+    /// Rotates q and k, stores k and v in the pool, and computes every
+    /// head's attention output for the rows into `att`, each row over the
+    /// keys of its own sequence up to its position.
+    fn attention(&mut self, model: &Model, layer: usize, steps: &[Step<'_>], rows: &[Row]) {
         let hp = &model.hp;
         let (d, hd, nh, rd) = (hp.n_embd, hp.head_dim(), hp.n_head, hp.rotary_dim);
         let half = rd / 2;
-        for (i, qkv) in self.qkv.chunks_exact_mut(3 * d).enumerate() {
-            let pos = self.history.len() + i;
-            let cs = &self.rope[pos * half..(pos + 1) * half];
+        let k = model.kernels;
+        for (r, qkv) in rows.iter().zip(self.qkv.chunks_exact_mut(3 * d)) {
+            let cs = &self.rope[r.pos * half..(r.pos + 1) * half];
             for head in qkv[..2 * d].chunks_exact_mut(hd) {
                 ops::rope_head(&mut head[..rd], cs);
             }
-            let at = self.kv.at(layer, pos);
-            self.kv.k.write(at, &qkv[d..2 * d]);
-            self.kv.v.write(at, &qkv[2 * d..3 * d]);
+            let seq = &*steps[r.step].seq;
+            self.pool
+                .write(seq, layer, r.pos, &qkv[d..2 * d], &qkv[2 * d..3 * d], k);
         }
 
-        let k = model.kernels;
         let scale = hp.attention_scale();
-        let (kv, qkv, pos0) = (&self.kv, &self.qkv, self.history.len());
-        let base = kv.at(layer, 0);
-        let (kc, vc) = (kv.k.view(), kv.v.view());
-        self.att.resize(t * d, 0.0);
+        let (pool, qkv, n_ctx) = (&self.pool, &self.qkv, self.n_ctx);
+        let (kc, vc) = (pool.keys(), pool.values());
+        // Stored elements per head (Q8_0 stores blocks of 32 values).
+        let he = pool.kv_type().elems(hd);
+        self.att.resize(rows.len() * d, 0.0);
         model.pool.install(|| {
             self.att.par_chunks_mut(hd).enumerate().for_each_init(
-                || Vec::with_capacity(kv.n_ctx),
+                || Vec::with_capacity(n_ctx),
                 |scores: &mut Vec<f32>, (i, out)| {
-                    let (tok, head) = (i / nh, i % nh);
-                    let q = &qkv[tok * 3 * d + head * hd..][..hd];
-                    let n_keys = pos0 + tok + 1; // causal: keys up to this token
+                    let (row, head) = (&rows[i / nh], i % nh);
+                    let q = &qkv[(i / nh) * 3 * d + head * hd..][..hd];
+                    let table = steps[row.step].seq.blocks();
+                    let n_keys = row.pos + 1; // causal: keys up to this token
+                    let at = |j: usize| pool.row(table[j / BLOCK], layer, j % BLOCK) + head * he;
                     scores.clear();
                     for j in 0..n_keys {
-                        let off = base + j * d + head * hd;
+                        let off = at(j);
                         let s = match kc {
-                            KvSlice::F32(c) => k.dot_f32(q, &c[off..off + hd]),
-                            KvSlice::F16(c) => k.dot_f16(q, &c[off..off + hd]),
+                            KvSlice::F32(c) => k.dot_f32(q, &c[off..off + he]),
+                            KvSlice::F16(c) => k.dot_f16(q, &c[off..off + he]),
+                            KvSlice::Q8_0(c) => k.dot_q8_0(q, &c[off..off + he]),
                         };
                         scores.push(s * scale);
                     }
                     ops::softmax(scores);
                     out.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
-                        let off = base + j * d + head * hd;
+                        let off = at(j);
                         match vc {
-                            KvSlice::F32(c) => k.axpy_f32(p, &c[off..off + hd], out),
-                            KvSlice::F16(c) => k.axpy_f16(p, &c[off..off + hd], out),
+                            KvSlice::F32(c) => k.axpy_f32(p, &c[off..off + he], out),
+                            KvSlice::F16(c) => k.axpy_f16(p, &c[off..off + he], out),
+                            KvSlice::Q8_0(c) => k.axpy_q8_0(p, &c[off..off + he], out),
                         }
                     }
                 },
             )
         });
+    }
+}
+
+/// One sequence on an engine of its own: the command line's generation,
+/// evaluation and benchmarks. Its cache of the last prompt serves the
+/// next one that shares its beginning.
+pub struct Session {
+    engine: Engine,
+    seq: Sequence,
+}
+
+impl Session {
+    /// A session with room for `n_ctx` tokens (at most the model's context length).
+    pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Session {
+        let n_ctx = n_ctx.clamp(1, model.hp.context_length);
+        let engine = Engine::new(model, n_ctx, n_ctx, kv_type).unwrap_or_else(|e| panic!("{e}"));
+        Session {
+            engine,
+            seq: Sequence::default(),
+        }
+    }
+
+    /// Tokens in the cache.
+    pub fn pos(&self) -> usize {
+        self.seq.len()
+    }
+
+    /// The tokens in the cache: a new prompt sharing a prefix with them only
+    /// needs the rest computed.
+    pub fn history(&self) -> &[u32] {
+        self.seq.tokens()
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.engine.n_ctx
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.engine.pool.bytes()
+    }
+
+    /// Forgets everything after the first `n` tokens (kept for prefix reuse).
+    pub fn truncate(&mut self, n: usize) {
+        self.engine.pool.truncate(&mut self.seq, n);
+    }
+
+    /// Between requests: keeps the first `keep` cached tokens and gives
+    /// the memory of the rest back (see [`Engine::release_memory`]).
+    pub fn release(&mut self, keep: usize) {
+        self.truncate(keep);
+        self.engine.release_memory(0);
+    }
+
+    /// Runs `tokens` at positions `pos()..pos() + tokens.len()` and returns
+    /// the requested logits. On error nothing is added to the cache.
+    pub fn forward(
+        &mut self,
+        model: &Model,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<&[f32], EngineError> {
+        self.engine.step(
+            model,
+            &mut [Step {
+                seq: &mut self.seq,
+                tokens,
+                logits: which,
+            }],
+        )
     }
 }
 

@@ -6,13 +6,13 @@
 //! so a corrupt or foreign file is an error at load, never a panic later.
 
 pub mod forward;
-pub mod kv_cache;
+pub mod kv_pool;
 pub mod mapping_guard;
 pub mod ops;
 pub mod residency;
 
-pub use forward::{Logits, Session};
-pub use kv_cache::KvType;
+pub use forward::{Engine, Logits, Session, Step};
+pub use kv_pool::{KvPool, KvType, Sequence};
 pub use residency::Prefetch;
 
 use crate::gguf::{self, Gguf, TensorInfo};
@@ -38,6 +38,11 @@ pub enum EngineError {
         capacity: usize,
     },
     EmptyInput,
+    /// The KV pool has no room left for the step (positions).
+    PoolFull {
+        needed: usize,
+        available: usize,
+    },
 }
 
 impl fmt::Display for EngineError {
@@ -54,6 +59,10 @@ impl fmt::Display for EngineError {
                 )
             }
             EngineError::EmptyInput => write!(f, "no input tokens"),
+            EngineError::PoolFull { needed, available } => write!(
+                f,
+                "the KV pool is full: {needed} positions needed, {available} free"
+            ),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! one model file, each thread count measured in a fresh process so that
 //! memory figures do not carry over.
 
+mod parallel;
+
 use super::ModelArgs;
 use anyhow::{bail, Context, Result};
 use crystald::model::{KvType, Logits, Model, Session};
@@ -27,6 +29,14 @@ pub struct Args {
     reps: usize,
     #[arg(long, default_value = "f16", value_parser = super::eval::parse_kv)]
     kv_type: KvType,
+    /// Instead of the per-thread table: continuous batching with these
+    /// numbers of streams (e.g. 1,2,4,8), in this process with the first
+    /// of --threads-list threads.
+    #[arg(long, value_delimiter = ',')]
+    parallel: Vec<usize>,
+    /// The long prompt that arrives while streams decode (--parallel).
+    #[arg(long, default_value_t = 1500)]
+    long_prompt: usize,
     /// Internal: measure once in this process and print one JSON line.
     #[arg(long, hide = true)]
     child: bool,
@@ -103,6 +113,27 @@ pub fn run(a: Args) -> Result<()> {
     if a.prompt_tokens == 0 || a.gen_tokens == 0 || a.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
     }
+    if !a.parallel.is_empty() {
+        let threads = a.threads_list.first().copied().unwrap_or(1);
+        let k = super::kernel_set(a.model.kernels.as_deref())?;
+        let model = Model::load(&a.model.model, k, threads)?;
+        eprintln!(
+            "model {}, kernels {}, {threads} threads",
+            a.model.model.display(),
+            k.name()
+        );
+        return parallel::bench(
+            &model,
+            &parallel::Options {
+                streams: a.parallel.clone(),
+                prompt_tokens: a.prompt_tokens,
+                gen_tokens: a.gen_tokens,
+                long_prompt: a.long_prompt,
+                reps: a.reps,
+                kv_type: a.kv_type,
+            },
+        );
+    }
     if a.child {
         let threads = a.model.threads.unwrap_or(1);
         println!("{}", serde_json::to_string(&measure(&a, threads)?)?);
@@ -142,10 +173,7 @@ pub fn run(a: Args) -> Result<()> {
                 .arg(a.prompt_tokens.to_string())
                 .arg("--gen-tokens")
                 .arg(a.gen_tokens.to_string());
-            cmd.arg("--kv-type").arg(match a.kv_type {
-                KvType::F16 => "f16",
-                KvType::F32 => "f32",
-            });
+            cmd.arg("--kv-type").arg(a.kv_type.name());
             if let Some(k) = &a.model.kernels {
                 cmd.arg("--kernels").arg(k);
             }
