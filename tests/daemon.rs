@@ -375,20 +375,27 @@ fn a_full_kv_pool_pauses_the_younger_request_and_both_replies_are_whole() {
 
 #[test]
 fn full_queue_answers_busy_and_cancel_works() {
-    let d = Daemon::start("queue_size = 1");
+    // Two generate at once and one may wait: the fourth is refused.
+    let d = Daemon::start("parallel = 2\nqueue_size = 1");
     let mut c = d.client();
-    c.send(&long("run"));
-    // Running once its first token arrives.
-    let first = c.recv();
-    assert_eq!(
-        (&first["id"], &first["event"]),
-        (&json!("run"), &json!("token"))
-    );
+    // Each is running once it has streamed a token; until then it holds
+    // the one queue place.
+    for id in ["run", "run2"] {
+        c.send(&long(id));
+        loop {
+            let v = c.recv();
+            assert_eq!(v["event"], "token", "{v}");
+            if v["id"] == id {
+                break;
+            }
+        }
+    }
     c.send(&long("queued"));
     c.send(&req("third", "x", 2));
-    // Token events of "run" may come first.
+    // Token events of the running ones may come first.
     let busy = loop {
         let v = c.recv();
+        assert_ne!(v["id"], "queued", "the queued request must wait: {v}");
         if v["id"] == "third" {
             break v;
         }
@@ -398,16 +405,19 @@ fn full_queue_answers_busy_and_cancel_works() {
         (&json!("error"), &json!("busy")),
         "{busy}"
     );
-    // Cancelling a queued request answers it at once.
+    // Cancelling a queued request answers it at once, before it computes.
     c.send(&json!({"op": "cancel", "id": "queued"}));
     c.send(&json!({"op": "cancel", "id": "run"}));
-    let got = c.finish(&[json!("run"), json!("queued")]);
+    c.send(&json!({"op": "cancel", "id": "run2"}));
+    let got = c.finish(&[json!("run"), json!("run2"), json!("queued")]);
     let queued = &got["\"queued\""].1;
     assert_eq!(queued["finish_reason"], "cancelled", "{queued}");
-    assert_eq!(tokens_len(queued), 0);
-    let run = &got["\"run\""].1;
-    assert_eq!(run["finish_reason"], "cancelled", "{run}");
-    assert!(tokens_len(run) < LONG, "{run}");
+    assert_eq!(tokens_len(queued), 0, "{queued}");
+    for id in ["\"run\"", "\"run2\""] {
+        let run = &got[id].1;
+        assert_eq!(run["finish_reason"], "cancelled", "{run}");
+        assert!(tokens_len(run) < LONG, "{run}");
+    }
     // Cancelling something finished is harmless, and the daemon goes on.
     c.send(&json!({"op": "cancel", "id": "run"}));
     reader_rejects_then_serves(&mut c);

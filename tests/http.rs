@@ -369,8 +369,8 @@ fn more_requests_than_the_queue_holds_get_429_and_shutdown_503() {
         &["--kernels", "scalar"],
     );
     let prompt = long_prompt(&api);
-    // Several long requests at once: one runs, one waits, the rest are
-    // refused with a hint to retry.
+    // More long requests than `parallel` (4) and the queue (1) hold at once:
+    // four run, one waits, the rest are refused with a hint to retry.
     let addr = api.addr.clone();
     let clients: Vec<_> = (0..6)
         .map(|i| {

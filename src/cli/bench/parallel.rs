@@ -112,8 +112,11 @@ pub fn bench(model: &Model, o: &Options) -> Result<()> {
         bail!("--parallel: every number of streams must be at least 1");
     }
     let most = *o.streams.iter().max().unwrap_or(&1);
-    let per_stream = o.prompt_tokens + o.gen_tokens + 1;
-    let n_ctx = per_stream
+    // The streams keep decoding while the arriving prompts are read, a
+    // chunk of at least 16 tokens per step.
+    let growth = (o.prompt_tokens + o.long_prompt) / 16 + 2;
+    let per_stream = o.prompt_tokens + o.gen_tokens + growth + 1;
+    let n_ctx = (per_stream + 16)
         .max(o.long_prompt + 1)
         .min(model.hp.context_length);
     if o.long_prompt >= n_ctx || per_stream > n_ctx {
@@ -122,7 +125,8 @@ pub fn bench(model: &Model, o: &Options) -> Result<()> {
             model.hp.context_length
         );
     }
-    let pool = most * per_stream + o.long_prompt + 64;
+    // Whole blocks of 16 per stream, and the arriving prompts.
+    let pool = most * (per_stream + 16) + o.long_prompt.max(o.prompt_tokens) + 32;
     eprintln!(
         "streams of {} prompt tokens, {} decode steps; a {}-token request and a {}-token prompt arriving while the others decode; KV {}; {} reps",
         o.prompt_tokens, o.gen_tokens, o.prompt_tokens, o.long_prompt, o.kv_type.name(), o.reps
