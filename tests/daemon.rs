@@ -373,6 +373,65 @@ fn a_full_kv_pool_pauses_the_younger_request_and_both_replies_are_whole() {
     assert_eq!(h["kv_in_use_tokens"], 0, "{h}");
 }
 
+/// Anonymous resident memory of a process, in MiB.
+fn rss_anon_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .expect("RssAnon")
+        .trim()
+        .parse()
+        .unwrap();
+    kb / 1024.0
+}
+
+#[test]
+fn the_pool_takes_memory_only_as_its_blocks_fill() {
+    // A pool far bigger than the 200 MiB allowed beside it: were it written
+    // at start, or kept after use, the daemon's anonymous memory would show.
+    const BESIDE_MIB: f64 = 200.0;
+    let d = Daemon::start("parallel = 4\nkv_budget = \"512 MiB\"");
+    let pid = d.child.id();
+    let mut probe = d.client();
+    let mut check = |when: &str| {
+        probe.send(&json!({"op": "health"}));
+        let h = probe.recv();
+        let anon = rss_anon_mib(pid);
+        let per_token = h["kv_pool_mib"].as_f64().unwrap() / h["kv_pool_tokens"].as_f64().unwrap();
+        let held =
+            h["kv_in_use_tokens"].as_f64().unwrap() + h["kv_cached_tokens"].as_f64().unwrap();
+        assert!(
+            h["kv_pool_mib"].as_f64().unwrap() >= 511.0,
+            "{when}: the pool is the budget: {h}"
+        );
+        assert!(
+            anon <= held * per_token + BESIDE_MIB,
+            "{when}: {anon:.0} MiB anonymous with {held} positions held: {h}"
+        );
+        h["kv_in_use_tokens"].as_u64().unwrap()
+    };
+    check("idle after start");
+    let mut c = d.client();
+    for i in 0..4 {
+        c.send(&long(&format!("r{i}")));
+    }
+    // Sampled while all four generate.
+    let mut busiest = 0;
+    for _ in 0..40 {
+        assert_eq!(c.recv()["event"], "token");
+        busiest = busiest.max(check("generating"));
+    }
+    assert!(busiest > 0, "health saw no request running");
+    for i in 0..4 {
+        c.send(&json!({"op": "cancel", "id": format!("r{i}")}));
+    }
+    let ids: Vec<Value> = (0..4).map(|i| json!(format!("r{i}"))).collect();
+    c.finish(&ids);
+    check("after");
+}
+
 #[test]
 fn full_queue_answers_busy_and_cancel_works() {
     // Two generate at once and one may wait: the fourth is refused.

@@ -252,7 +252,7 @@ impl KvPool {
     /// fails only when the address space cannot hold it.
     pub fn new(ty: KvType, n_layer: usize, width: usize, tokens: usize) -> std::io::Result<KvPool> {
         assert!(
-            ty != KvType::Q8_0 || width % QK == 0,
+            ty != KvType::Q8_0 || width.is_multiple_of(QK),
             "Q8_0 rows are whole blocks"
         );
         let n_blocks = tokens.div_ceil(BLOCK).max(1);
@@ -482,7 +482,7 @@ impl KvPool {
         for (i, b) in tail.into_iter().enumerate() {
             self.drop_ref(b, (m - 1 - i) as u32);
         }
-        if n % BLOCK != 0 {
+        if !n.is_multiple_of(BLOCK) {
             let last = seq.blocks[keep - 1];
             let info = &mut self.blocks[last as usize];
             if info.refs == 1 {
