@@ -352,20 +352,19 @@ unsafe fn scale8(bits: u16) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
-/// Where a tile's tokens are: the group starting at token `t0` with `g`
-/// tokens, and within it tokens `off..off + T`.
+/// Where a tile's tokens are: the group of `g` tokens starting at token
+/// `t0` (a tile takes the whole group).
 #[derive(Clone, Copy)]
 struct Group {
     t0: usize,
     g: usize,
-    off: usize,
 }
 
 /// Checks the lengths a tile of `r` rows × `t` tokens reads and writes, so
 /// the tile can index without per-access checks: its largest activation
-/// index is `t0 * nb + (nb - 1) * g + off + t - 1 < (t0 + g) * nb <= n * nb`.
+/// index is `t0 * nb + (nb - 1) * g + g - 1 < (t0 + g) * nb <= n * nb`.
 fn check_tile<W>(r: usize, t: usize, nb: usize, w: &[W], x: Toks<'_>, at: Group, out: &[f32]) {
-    assert!(r >= 1 && t >= 1 && at.off + t <= at.g && at.t0 + at.g <= x.n);
+    assert!(r >= 1 && t >= 1 && t == at.g && at.t0 + at.g <= x.n);
     assert!(w.len() >= r * nb && x.b.len() >= nb * x.n);
     assert!(out.len() >= (r - 1) * x.n + at.t0 + at.g);
 }
@@ -416,7 +415,7 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
         }
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
-            let i = at.t0 * nb + b * at.g + at.off + t;
+            let i = at.t0 * nb + b * at.g + t;
             let xb = &*xp.add(i);
             let xv = _mm256_load_si256(xb.q.as_ptr().cast());
             let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
@@ -430,7 +429,7 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n + at.t0 + at.off + t] = hsum(acc[r][t]);
+            out[r * n + at.t0 + t] = hsum(acc[r][t]);
         }
     }
 }
@@ -468,7 +467,7 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
         }
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
-            let i = at.t0 * nb + b * at.g + at.off + t;
+            let i = at.t0 * nb + b * at.g + t;
             let xb = &*xp.add(i);
             let (xv, dx) = (
                 _mm256_load_si256(xb.q.as_ptr().cast()),
@@ -483,28 +482,25 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n + at.t0 + at.off + t] = hsum(acc[r][t]);
+            out[r * n + at.t0 + t] = hsum(acc[r][t]);
         }
     }
 }
 
-/// Runs `tile::<R, _>` on rows `w` for the token group `t0..t0 + g`
-/// (`g <= PREFILL_TOKENS`): one full tile, or tiles of 2 and 1.
+/// Runs `tile::<R, g>` on rows `w` for the token group `t0..t0 + g`
+/// (`g <= PREFILL_TOKENS`): one tile, so each weight block is unpacked
+/// once for all the group's tokens.
 macro_rules! group_tiles {
     ($tile:ident, $R:expr, $w:expr, $nb:expr, $x:expr, $t0:expr, $g:expr, $out:expr) => {{
         let (w, nb, x, t0, g, out) = ($w, $nb, $x, $t0, $g, $out);
-        let at = |off| Group { t0, g, off };
+        let at = Group { t0, g };
         match g {
-            PREFILL_TOKENS => $tile::<$R, PREFILL_TOKENS>(w, nb, x, at(0), out),
+            1 => $tile::<$R, 1>(w, nb, x, at, out),
+            2 => $tile::<$R, 2>(w, nb, x, at, out),
+            3 => $tile::<$R, 3>(w, nb, x, at, out),
             _ => {
-                let mut off = 0;
-                while g - off >= 2 {
-                    $tile::<$R, 2>(w, nb, x, at(off), &mut *out);
-                    off += 2;
-                }
-                if g - off == 1 {
-                    $tile::<$R, 1>(w, nb, x, at(off), out);
-                }
+                debug_assert_eq!(g, PREFILL_TOKENS);
+                $tile::<$R, PREFILL_TOKENS>(w, nb, x, at, out)
             }
         }
     }};
@@ -526,11 +522,7 @@ macro_rules! quant_matmul {
         let x = Toks { n, b: $x };
         let rows = w.len() / nb;
         if n == 1 {
-            let one = Group {
-                t0: 0,
-                g: 1,
-                off: 0,
-            };
+            let one = Group { t0: 0, g: 1 };
             let mut r = 0;
             while rows - r >= DECODE_ROWS {
                 let (wr, or) = (
@@ -591,8 +583,10 @@ const LANES: usize = 8;
 const LANE_ROWS: usize = 2;
 const LANE_GROUPS: usize = 3;
 /// From this many tokens on, the lane kernel's padding costs less than the
-/// per-pair reductions of the row-major tiles save.
-const LANES_MIN_TOKENS: usize = 4;
+/// per-pair reductions of the row-major tiles save. At 4 tokens (four
+/// decoding streams) half its lanes would idle: the 2 × 4 tile decodes 4
+/// streams 1.20× faster (`crystald bench --parallel 4`, 7B q4_0).
+const LANES_MIN_TOKENS: usize = 5;
 
 /// Block `b` of eight tokens' Q8_0 activations, transposed for the lane
 /// kernel: `q[k]` holds bytes `4k..4k + 4` of token `t`'s block in 32-bit
