@@ -373,20 +373,6 @@ fn a_full_kv_pool_pauses_the_younger_request_and_both_replies_are_whole() {
     assert_eq!(h["kv_in_use_tokens"], 0, "{h}");
 }
 
-/// Anonymous resident memory of a process, in MiB.
-fn rss_anon_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .expect("RssAnon")
-        .trim()
-        .parse()
-        .unwrap();
-    kb / 1024.0
-}
-
 #[test]
 fn the_pool_takes_memory_only_as_its_blocks_fill() {
     // A pool far bigger than the 200 MiB allowed beside it: were it written
@@ -398,7 +384,7 @@ fn the_pool_takes_memory_only_as_its_blocks_fill() {
     let mut check = |when: &str| {
         probe.send(&json!({"op": "health"}));
         let h = probe.recv();
-        let anon = rss_anon_mib(pid);
+        let anon = proc_status_kb(pid, "RssAnon") as f64 / 1024.0;
         let per_token = h["kv_pool_mib"].as_f64().unwrap() / h["kv_pool_tokens"].as_f64().unwrap();
         let held =
             h["kv_in_use_tokens"].as_f64().unwrap() + h["kv_cached_tokens"].as_f64().unwrap();

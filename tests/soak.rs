@@ -18,6 +18,7 @@
 mod common;
 
 use common::http_client::{read_response, request};
+use common::proc_status_kb;
 use common::services::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -64,15 +65,6 @@ impl Tally {
         self.latencies_ms
             .push(started.elapsed().as_secs_f64() * 1e3);
     }
-}
-
-fn rss_kb(pid: u32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 struct Conn {
@@ -431,7 +423,7 @@ fn soak() {
     let sock = d.dir.path().join("sock");
     // Warm up, so the first figure includes the KV cache and thread stacks.
     d.ask_socket(&req("warm", 32, false));
-    let rss_start = rss_kb(pid);
+    let rss_start = proc_status_kb(pid, "VmRSS");
 
     let began = Instant::now();
     let deadline = began + Duration::from_secs(seconds);
@@ -475,7 +467,7 @@ fn soak() {
     let elapsed = began.elapsed();
     // Still serving after all that.
     assert_eq!(d.ask_socket(&req("after", 4, false))["event"], "done");
-    let rss_end = rss_kb(pid);
+    let rss_end = proc_status_kb(pid, "VmRSS");
 
     let mut t = tally.lock().unwrap();
     t.latencies_ms.sort_by(f64::total_cmp);

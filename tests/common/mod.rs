@@ -161,3 +161,13 @@ pub fn top1_agreement(ours: &[f32], reference: &[f32], vocab: usize) -> f64 {
         .collect();
     pairs.iter().filter(|&&x| x).count() as f64 / pairs.len() as f64
 }
+
+/// A memory field of `/proc/PID/status` (`VmRSS`, `RssAnon`, …), in kB.
+pub fn proc_status_kb(pid: u32, field: &str) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}

@@ -352,21 +352,14 @@ unsafe fn scale8(bits: u16) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
 }
 
-/// Where a tile's tokens are: the group of `g` tokens starting at token
-/// `t0` (a tile takes the whole group).
-#[derive(Clone, Copy)]
-struct Group {
-    t0: usize,
-    g: usize,
-}
-
-/// Checks the lengths a tile of `r` rows × `t` tokens reads and writes, so
-/// the tile can index without per-access checks: its largest activation
-/// index is `t0 * nb + (nb - 1) * g + g - 1 < (t0 + g) * nb <= n * nb`.
-fn check_tile<W>(r: usize, t: usize, nb: usize, w: &[W], x: Toks<'_>, at: Group, out: &[f32]) {
-    assert!(r >= 1 && t >= 1 && t == at.g && at.t0 + at.g <= x.n);
+/// Checks the lengths a tile of `r` rows × `t` tokens (the token group
+/// starting at `t0`) reads and writes, so the tile can index without
+/// per-access checks: its largest activation index is
+/// `t0 * nb + (nb - 1) * t + t - 1 < (t0 + t) * nb <= n * nb`.
+fn check_tile<W>(r: usize, t: usize, nb: usize, w: &[W], x: Toks<'_>, t0: usize, out: &[f32]) {
+    assert!(r >= 1 && t >= 1 && t0 + t <= x.n);
     assert!(w.len() >= r * nb && x.b.len() >= nb * x.n);
-    assert!(out.len() >= (r - 1) * x.n + at.t0 + at.g);
+    assert!(out.len() >= (r - 1) * x.n + t0 + t);
 }
 
 /// `n` tokens packed by [`pack`].
@@ -391,10 +384,10 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
     w: &[BlockQ4_0],
     nb: usize,
     x: Toks<'_>,
-    at: Group,
+    t0: usize,
     out: &mut [f32],
 ) {
-    check_tile(R, T, nb, w, x, at, out);
+    check_tile(R, T, nb, w, x, t0, out);
     let n = x.n;
     let (wp, xp) = (w.as_ptr(), x.b.as_ptr());
     let low = _mm256_set1_epi8(0x0F);
@@ -415,7 +408,7 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
         }
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
-            let i = at.t0 * nb + b * at.g + t;
+            let i = t0 * nb + b * T + t;
             let xb = &*xp.add(i);
             let xv = _mm256_load_si256(xb.q.as_ptr().cast());
             let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
@@ -429,7 +422,7 @@ unsafe fn tile_q4_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n + at.t0 + t] = hsum(acc[r][t]);
+            out[r * n + t0 + t] = hsum(acc[r][t]);
         }
     }
 }
@@ -444,10 +437,10 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
     w: &[BlockQ8_0],
     nb: usize,
     x: Toks<'_>,
-    at: Group,
+    t0: usize,
     out: &mut [f32],
 ) {
-    check_tile(R, T, nb, w, x, at, out);
+    check_tile(R, T, nb, w, x, t0, out);
     let n = x.n;
     let (wp, xp) = (w.as_ptr(), x.b.as_ptr());
     let ones = _mm256_set1_epi16(1);
@@ -467,7 +460,7 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
         }
         for t in 0..T {
             // SAFETY: i < n * nb, the length check_tile saw (see there).
-            let i = at.t0 * nb + b * at.g + t;
+            let i = t0 * nb + b * T + t;
             let xb = &*xp.add(i);
             let (xv, dx) = (
                 _mm256_load_si256(xb.q.as_ptr().cast()),
@@ -482,7 +475,7 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            out[r * n + at.t0 + t] = hsum(acc[r][t]);
+            out[r * n + t0 + t] = hsum(acc[r][t]);
         }
     }
 }
@@ -493,14 +486,13 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
 macro_rules! group_tiles {
     ($tile:ident, $R:expr, $w:expr, $nb:expr, $x:expr, $t0:expr, $g:expr, $out:expr) => {{
         let (w, nb, x, t0, g, out) = ($w, $nb, $x, $t0, $g, $out);
-        let at = Group { t0, g };
         match g {
-            1 => $tile::<$R, 1>(w, nb, x, at, out),
-            2 => $tile::<$R, 2>(w, nb, x, at, out),
-            3 => $tile::<$R, 3>(w, nb, x, at, out),
+            1 => $tile::<$R, 1>(w, nb, x, t0, out),
+            2 => $tile::<$R, 2>(w, nb, x, t0, out),
+            3 => $tile::<$R, 3>(w, nb, x, t0, out),
             _ => {
                 debug_assert_eq!(g, PREFILL_TOKENS);
-                $tile::<$R, PREFILL_TOKENS>(w, nb, x, at, out)
+                $tile::<$R, PREFILL_TOKENS>(w, nb, x, t0, out)
             }
         }
     }};
@@ -522,18 +514,17 @@ macro_rules! quant_matmul {
         let x = Toks { n, b: $x };
         let rows = w.len() / nb;
         if n == 1 {
-            let one = Group { t0: 0, g: 1 };
             let mut r = 0;
             while rows - r >= DECODE_ROWS {
                 let (wr, or) = (
                     &w[r * nb..(r + DECODE_ROWS) * nb],
                     &mut out[r..r + DECODE_ROWS],
                 );
-                $tile::<DECODE_ROWS, 1>(wr, nb, x, one, or);
+                $tile::<DECODE_ROWS, 1>(wr, nb, x, 0, or);
                 r += DECODE_ROWS;
             }
             for r in r..rows {
-                $tile::<1, 1>(&w[r * nb..(r + 1) * nb], nb, x, one, &mut out[r..r + 1]);
+                $tile::<1, 1>(&w[r * nb..(r + 1) * nb], nb, x, 0, &mut out[r..r + 1]);
             }
             return;
         }
