@@ -361,7 +361,13 @@ fn sequences_batched_together_equal_each_run_alone() {
     let steps = 12;
     for k in kernels::available() {
         for preset in ["f32", "q4_0", "q4_k_m"] {
-            let exact = k.name() == "scalar" || preset == "f32";
+            // Exact where every product gives a row · token the same bits
+            // at any batch size (tests/kernels.rs, SAME_BITS_AT_ANY_BATCH):
+            // float weights, and Q4_0 on the scalar and AVX2 sets. Here the
+            // first step mixes whole prompts, so it crosses the AVX2 set's
+            // kernel choice by token count.
+            let exact =
+                k.name() == "scalar" || preset == "f32" || (preset == "q4_0" && k.name() == "avx2");
             let model = Model::load(&converted("tiny-a", preset), k, 2).unwrap();
             let vocab = model.hp.vocab_size;
             let greedy =

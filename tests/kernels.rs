@@ -411,6 +411,74 @@ fn matmul_q4_0_matches_reference() {
     }
 }
 
+/// The kernel sets whose Q4_0 products give each row · token the same bits
+/// however many tokens share the call (each keeps one accumulator per row ·
+/// token, fed block by block in the same order). This is what lets a
+/// request decode to the same tokens alone or batched with others; the
+/// daemon's batching test relies on it for these sets.
+const SAME_BITS_AT_ANY_BATCH: [&str; 2] = ["scalar", "avx2"];
+
+#[test]
+fn q4_0_products_have_the_same_bits_at_any_token_count() {
+    let mut rng = Rng(2);
+    let sets: Vec<_> = kernels()
+        .into_iter()
+        .filter(|k| SAME_BITS_AT_ANY_BATCH.contains(&k.name()))
+        .collect();
+    assert!(sets.iter().any(|k| k.name() == "scalar"));
+    #[cfg(target_arch = "x86_64")]
+    assert!(
+        !is_x86_feature_detected!("avx2") || sets.iter().any(|k| k.name() == "avx2"),
+        "the AVX2 set is checked where the CPU has it"
+    );
+    for cols in [32, 96, 4096] {
+        let (rows, nb) = (21, cols / QK);
+        let wb = rng.q4_blocks(rows * nb);
+        let w = Weight {
+            ty: GgmlType::Q4_0,
+            rows,
+            cols,
+            data: bytemuck::cast_slice(&wb),
+        };
+        let tokens = 20;
+        let xb = rng.q8_blocks(tokens * nb);
+        for k in &sets {
+            // Each token alone.
+            let mut alone = vec![0.0f32; rows * tokens];
+            for t in 0..tokens {
+                let mut o = vec![0.0f32; rows];
+                k.matmul(&w, Acts::Q8_0(&xb[t * nb..(t + 1) * nb]), 0..rows, &mut o);
+                for r in 0..rows {
+                    alone[r * tokens + t] = o[r];
+                }
+            }
+            // Every batch size from 1 to 20 tokens, starting at each token
+            // where the batch fits; row ranges that cut tiles.
+            for n in 1..=tokens {
+                for t0 in (0..=tokens - n).step_by(3) {
+                    let x = Acts::Q8_0(&xb[t0 * nb..(t0 + n) * nb]);
+                    for range in [0..rows, 3..rows - 1] {
+                        let mut got = vec![0.0f32; range.len() * n];
+                        k.matmul(&w, x, range.clone(), &mut got);
+                        for (i, r) in range.clone().enumerate() {
+                            for t in 0..n {
+                                let (g, a) = (got[i * n + t], alone[r * tokens + t0 + t]);
+                                assert!(
+                                    g.to_bits() == a.to_bits(),
+                                    "{} cols {cols} rows {range:?} tokens {t0}..{}: row {r} token {}: {g} batched, {a} alone",
+                                    k.name(),
+                                    t0 + n,
+                                    t0 + t
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The extremes of the integer paths: nibbles all 0 or all 15 (weights -8
 /// and 7) against activations all ±127 or ±128 in whole blocks, where 16-bit
 /// partial sums come closest to overflowing; token counts that fill the
@@ -1166,6 +1234,18 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Best wall time of `reps` runs of `f`, in seconds, for runs too short
+/// for the CPU-time clock's resolution on some VMs (a scheduler tick).
+fn best_wall(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Random weights of `ty` (`rows` × `cols`) and `n` tokens of the
 /// activations it multiplies with, for the benchmarks.
 fn bench_data(
@@ -1267,6 +1347,66 @@ fn bench_decode_shape(ty: GgmlType, rows: usize, cols: usize) {
             hot * 1e3,
             bytes * copies as f64 / cold / 1e9
         );
+    }
+}
+
+/// Batched decode: 7B-shape matrices (the MLP up projection, 11008 × 4096)
+/// times 1 to 8 tokens, one thread, weights cycled through 32 copies so
+/// they come from memory as in real decoding. Reported per token count as
+/// time and as tokens per second relative to one token: the gain several
+/// sequences decoding together get from each weight pass.
+#[test]
+#[ignore]
+fn bench_few_tokens() {
+    let (rows, cols, copies) = (11008, 4096, 32);
+    for ty in BENCH_TYPES {
+        let mut rng = Rng(14);
+        let (mats, xs): (Vec<Vec<u8>>, Vec<BenchActs>) = (0..copies)
+            .map(|_| bench_data(&mut rng, ty, rows, cols, 8))
+            .unzip();
+        for k in kernels().into_iter().filter(|k| k.name() != "scalar") {
+            let mut one = 0.0;
+            for n in 1..=8 {
+                let w = |i: usize| Weight {
+                    ty,
+                    rows,
+                    cols,
+                    data: &mats[i],
+                };
+                let nb = cols / ty.block_size();
+                let acts = match &xs[0] {
+                    BenchActs::Q8_0(x) => Acts::Q8_0(&x[..n * nb]),
+                    BenchActs::Q8K(x) => Acts::Q8K(&x[..n * nb]),
+                };
+                let mut buf = PackBuf::default();
+                let xp = k.pack(&w(0), acts, &mut buf);
+                let mut out = vec![0.0f32; rows * n];
+                let t = best_wall(5, || {
+                    for i in 0..copies {
+                        k.matmul_rows(&w(i), &xp, 0..rows, &mut out);
+                    }
+                }) / copies as f64;
+                // The first 1024 rows again and again (2-4 MB, in cache):
+                // the arithmetic alone.
+                let hot_rows = 1024;
+                let hot = best_wall(5, || {
+                    for _ in 0..32 {
+                        k.matmul_rows(&w(0), &xp, 0..hot_rows, &mut out[..hot_rows * n]);
+                    }
+                }) / 32.0
+                    * (rows / hot_rows) as f64;
+                if n == 1 {
+                    one = t;
+                }
+                println!(
+                    "{ty} {rows}x{cols} x {n} tokens {:>6}: {:6.2} ms, {:5.2}x the tokens/s of 1; in cache {:6.2} ms",
+                    k.name(),
+                    t * 1e3,
+                    one * n as f64 / t,
+                    hot * 1e3
+                );
+            }
+        }
     }
 }
 

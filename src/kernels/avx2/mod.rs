@@ -8,6 +8,14 @@
 //! prefill is bound by the integer multiply, so it uses many tokens per
 //! unpacked weight block.
 //!
+//! Q4_0, the format most models here use, has two kernels that put one
+//! row · token product in each 32-bit lane, so the 8 column sums of a block
+//! never need a horizontal reduction: 8 weight rows per register for up to
+//! 8 tokens (decode, a few requests decoding together) and 8 tokens per
+//! register beyond (prefill). Both do the same exact integer block sums and
+//! the same float steps, so a product's bits do not depend on the batch it
+//! ran in.
+//!
 //! Every intrinsic needs the three features, so all SIMD code lives in
 //! `unsafe fn`s with `#[target_feature]`; the only way to call them is
 //! through an [`Avx2`] value, and the only way to get one is [`Avx2::detect`],
@@ -57,11 +65,13 @@ impl Avx2 {
     }
 }
 
-/// Decode tile: rows per pass for one token. Four streams keep the
+/// Q8_0 decode tile: rows per pass for one token. Four streams keep the
 /// prefetchers busy and give four independent FMA chains.
 const DECODE_ROWS: usize = 4;
-/// Prefill tile: weight rows × tokens per pass, sized so the accumulators,
-/// unpacked weights and constants fit the 16 ymm registers.
+/// Q8_0 tile for more tokens: weight rows × tokens per pass, sized so the
+/// accumulators, weights and constants fit the 16 ymm registers. Tokens
+/// are packed in groups of `PREFILL_TOKENS`, which is also the Q4_0 row
+/// tile's largest token count.
 const PREFILL_ROWS: usize = 2;
 const PREFILL_TOKENS: usize = 4;
 /// How far ahead of the current block the weight unpacking of the lane
@@ -299,11 +309,14 @@ impl NextTile {
 #[repr(C, align(32))]
 struct TokBlock {
     q: [i8; QK],
-    /// Q4_0 only: `8·(x[2i] + x[2i+1])` as 16 i16 lanes, the correction
-    /// that turns a product with unsigned nibbles `q` into one with `q - 8`.
-    bias: [i16; 16],
-    d: f32,
-    _pad: [u32; 7],
+    /// The scale in all 8 lanes, and (Q4_0 only) `8·Σ q` in all 8 lanes:
+    /// the correction that turns a product with unsigned nibbles into one
+    /// with `nibble - 8` (as in the lane kernel). Stored broadcast because
+    /// a tile reads them as whole-register operands: a broadcast per use
+    /// would take a shuffle port that the activation bytes' broadcasts
+    /// already saturate.
+    d: [f32; 8],
+    bias: [i32; 8],
 }
 
 /// Whether a Q4_0 product over `n` tokens uses the lane kernel (packing and
@@ -324,7 +337,6 @@ thread_local! {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, p: &mut [TokBlock]) {
     assert!(x.len() == n * nb && p.len() == n * nb);
-    let eight = _mm256_set1_epi8(8);
     // Loops, not iterator closures: closures may not inherit the target features.
     let mut i = 0;
     let mut t0 = 0;
@@ -336,8 +348,8 @@ unsafe fn pack(x: &[BlockQ8_0], nb: usize, n: usize, p: &mut [TokBlock]) {
                 let v = _mm256_loadu_si256(blk.qs.as_ptr().cast());
                 let out = &mut p[i];
                 _mm256_store_si256(out.q.as_mut_ptr().cast(), v);
-                _mm256_store_si256(out.bias.as_mut_ptr().cast(), _mm256_maddubs_epi16(eight, v));
-                out.d = half_to_f32(blk.d);
+                out.d = [half_to_f32(blk.d); 8];
+                out.bias = [8 * blk.qs.iter().map(|&q| q as i32).sum::<i32>(); 8];
                 i += 1;
             }
         }
@@ -369,61 +381,133 @@ struct Toks<'a> {
     b: &'a [TokBlock],
 }
 
-/// `R` weight rows × `T` tokens (at `at`) of Q4_0 × Q8_0. `w` holds the
-/// `R` rows (`nb` blocks each); `out[r * n + k]` receives row `r` · token `k`.
+/// Weight rows per tile of the Q4_0 kernel for one to `PREFILL_TOKENS`
+/// tokens: one per 32-bit lane.
+const ROW_LANES: usize = 8;
+
+/// Q4_0 × Q8_0 for `rows` (1..=8) weight rows × `T` tokens (the group
+/// starting at `t0`), one row per 32-bit lane: the lane kernel turned
+/// around. A 4 × 4 transpose of 32-bit words per register half puts bytes
+/// `4k..4k + 4` of eight rows side by side, whose low and high nibbles are
+/// elements `4k..` and `16 + 4k..`; each meets the matching 4 activation
+/// bytes of a token, broadcast. `maddubs` results are summed over the 8
+/// columns in 16 bits (|sum| ≤ 8 · 2 · 15 · 128 < 32768: exact), then one
+/// widening, bias correction, conversion and scaling per token and block
+/// serves 8 rows. The transpose is paid once per block for all `T` tokens.
 ///
-/// The nibbles stay unsigned (0..=15), which is the operand `maddubs`
-/// (u8 × i8) wants, and the `- 8` comes off as the precomputed activation
-/// bias: q·x - 8·x. Pair sums stay within i16 (15·128·2 < 32768), so the
-/// integer part is exact. One 16-byte load broadcast to both halves and a
-/// per-half shift (0 or 4) unpacks a block without a cross-lane shuffle.
+/// Each lane does exactly the arithmetic of a lane of [`tile_q4_0_lanes`]
+/// (exact block sum, `fma(sum, dw·dx, acc)` block by block), so a row ·
+/// token product has the same bits whichever kernel, and however many
+/// other tokens, it ran with: a request decodes the same alone or batched.
+/// Missing rows of a last, partial tile repeat the last row and are not
+/// stored.
 // Tiles index several arrays by row and token; range loops say it plainest.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_q4_0<const R: usize, const T: usize>(
+unsafe fn tile_q4_0_rows<const T: usize>(
     w: &[BlockQ4_0],
     nb: usize,
+    rows: usize,
     x: Toks<'_>,
     t0: usize,
     out: &mut [f32],
 ) {
-    check_tile(R, T, nb, w, x, t0, out);
+    assert!((1..=ROW_LANES).contains(&rows));
+    check_tile(rows, T, nb, w, x, t0, out);
     let n = x.n;
     let (wp, xp) = (w.as_ptr(), x.b.as_ptr());
+    // Row i's first block; a partial tile's missing rows reread the last.
+    let row = |i: usize| wp.wrapping_add(i.min(rows - 1) * nb);
+    let rp: [*const BlockQ4_0; ROW_LANES] = std::array::from_fn(row);
     let low = _mm256_set1_epi8(0x0F);
-    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let ahead = NextTile::new(wp, R * nb * std::mem::size_of::<BlockQ4_0>(), nb);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let ahead = NextTile::new(wp, rows * nb * std::mem::size_of::<BlockQ4_0>(), nb);
     for b in 0..nb {
         ahead.step(b);
-        let mut q = [_mm256_setzero_si256(); R];
-        let mut dw = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            // SAFETY: r < R and b < nb, and check_tile saw w.len() >= R * nb.
-            let blk = &*wp.add(r * nb + b);
-            let raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.qs.as_ptr().cast()));
-            q[r] = _mm256_and_si256(_mm256_srlv_epi32(raw, shift), low);
-            dw[r] = scale8(blk.d);
+        // SAFETY: every rp[i] starts a row below `rows` and b < nb, and
+        // check_tile saw w.len() >= rows * nb.
+        let blk = |i: usize| &*rp[i].add(b);
+        let qs = |i: usize| _mm_loadu_si128(blk(i).qs.as_ptr().cast());
+        // Rows 0..4 in the low halves, 4..8 in the high halves.
+        let a0 = _mm256_set_m128i(qs(4), qs(0));
+        let a1 = _mm256_set_m128i(qs(5), qs(1));
+        let a2 = _mm256_set_m128i(qs(6), qs(2));
+        let a3 = _mm256_set_m128i(qs(7), qs(3));
+        let (lo01, hi01) = (_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
+        let (lo23, hi23) = (_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
+        // Word k of every row's bytes, rows in lane order.
+        let words = [
+            _mm256_unpacklo_epi64(lo01, lo23),
+            _mm256_unpackhi_epi64(lo01, lo23),
+            _mm256_unpacklo_epi64(hi01, hi23),
+            _mm256_unpackhi_epi64(hi01, hi23),
+        ];
+        let mut col = [_mm256_setzero_si256(); 8];
+        for k in 0..4 {
+            col[k] = _mm256_and_si256(words[k], low);
+            col[4 + k] = _mm256_and_si256(_mm256_srli_epi16(words[k], 4), low);
         }
+        // The 8 scales gathered in general-purpose registers, whose ALUs
+        // are otherwise idle here, and moved over as two words.
+        let d = |i: usize| blk(i).d as u64;
+        let lo = d(0) | d(1) << 16 | d(2) << 32 | d(3) << 48;
+        let hi = d(4) | d(5) << 16 | d(6) << 32 | d(7) << 48;
+        let dw = _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64));
         for t in 0..T {
-            // SAFETY: i < n * nb, the length check_tile saw (see there).
-            let i = t0 * nb + b * T + t;
-            let xb = &*xp.add(i);
-            let xv = _mm256_load_si256(xb.q.as_ptr().cast());
-            let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
-            let dx = _mm256_set1_ps(xb.d);
-            for r in 0..R {
-                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[r], xv), bias);
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                acc[r][t] = _mm256_fmadd_ps(s, _mm256_mul_ps(dw[r], dx), acc[r][t]);
+            // SAFETY: t0 * nb + b * T + t < n * nb, the length check_tile
+            // saw (see there); TokBlock is 32-byte aligned, so its bytes
+            // read as 8 aligned i32.
+            let xb = &*xp.add(t0 * nb + b * T + t);
+            let xq = xb.q.as_ptr().cast::<i32>();
+            let mut s = _mm256_maddubs_epi16(col[0], _mm256_set1_epi32(*xq));
+            for k in 1..8 {
+                let p = _mm256_maddubs_epi16(col[k], _mm256_set1_epi32(*xq.add(k)));
+                s = _mm256_add_epi16(s, p);
             }
+            let bias = _mm256_load_si256(xb.bias.as_ptr().cast());
+            let i = _mm256_sub_epi32(_mm256_madd_epi16(s, ones), bias);
+            let dd = _mm256_mul_ps(dw, _mm256_load_ps(xb.d.as_ptr()));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[t]);
         }
     }
-    for r in 0..R {
-        for t in 0..T {
-            out[r * n + t0 + t] = hsum(acc[r][t]);
+    for t in 0..T {
+        let mut v = [0.0f32; ROW_LANES];
+        _mm256_storeu_ps(v.as_mut_ptr(), acc[t]);
+        for r in 0..rows {
+            out[r * n + t0 + t] = v[r];
         }
+    }
+}
+
+/// Q4_0 rows `w` × `n` tokens (fewer than the lane kernel takes), 8 rows
+/// per tile; `out`: rows × `n`, grouped by row. Token groups inside, so a
+/// tile's weights (8 rows, under 64 KB) are read from memory once and from
+/// cache by the second group.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn matmul_q4_0(w: &[BlockQ4_0], nb: usize, x: &[TokBlock], n: usize, out: &mut [f32]) {
+    if nb == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let x = Toks { n, b: x };
+    let rows = w.len() / nb;
+    let mut r = 0;
+    while r < rows {
+        let m = ROW_LANES.min(rows - r);
+        let (wr, or) = (&w[r * nb..(r + m) * nb], &mut out[r * n..(r + m) * n]);
+        let mut t0 = 0;
+        while t0 < n {
+            let g = PREFILL_TOKENS.min(n - t0);
+            match g {
+                1 => tile_q4_0_rows::<1>(wr, nb, m, x, t0, or),
+                2 => tile_q4_0_rows::<2>(wr, nb, m, x, t0, or),
+                3 => tile_q4_0_rows::<3>(wr, nb, m, x, t0, or),
+                _ => tile_q4_0_rows::<PREFILL_TOKENS>(wr, nb, m, x, t0, or),
+            }
+            t0 += g;
+        }
+        r += m;
     }
 }
 
@@ -464,7 +548,7 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
             let xb = &*xp.add(i);
             let (xv, dx) = (
                 _mm256_load_si256(xb.q.as_ptr().cast()),
-                _mm256_set1_ps(xb.d),
+                _mm256_load_ps(xb.d.as_ptr()),
             );
             for r in 0..R {
                 let p = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(xv, q[r]));
@@ -480,85 +564,73 @@ unsafe fn tile_q8_0<const R: usize, const T: usize>(
     }
 }
 
-/// Runs `tile::<R, g>` on rows `w` for the token group `t0..t0 + g`
-/// (`g <= PREFILL_TOKENS`): one tile, so each weight block is unpacked
-/// once for all the group's tokens.
-macro_rules! group_tiles {
-    ($tile:ident, $R:expr, $w:expr, $nb:expr, $x:expr, $t0:expr, $g:expr, $out:expr) => {{
-        let (w, nb, x, t0, g, out) = ($w, $nb, $x, $t0, $g, $out);
-        match g {
-            1 => $tile::<$R, 1>(w, nb, x, t0, out),
-            2 => $tile::<$R, 2>(w, nb, x, t0, out),
-            3 => $tile::<$R, 3>(w, nb, x, t0, out),
-            _ => {
-                debug_assert_eq!(g, PREFILL_TOKENS);
-                $tile::<$R, PREFILL_TOKENS>(w, nb, x, t0, out)
-            }
-        }
-    }};
-}
-
-/// Runs a quantized tile over all rows of `w` and all `n` tokens.
+/// Q8_0 rows `w` × `n` tokens with [`tile_q8_0`]; `out`: rows × `n`,
+/// grouped by row.
 ///
 /// Decode: `DECODE_ROWS` rows at a time straight through the weights.
-/// Prefill: token groups outside, rows inside, so a group's packed
-/// activations (`nb` × 4 tokens × 68 bytes, under 100 KB) stay cached while
-/// the weights stream past once per group, reused by the group's tokens.
-macro_rules! quant_matmul {
-    ($tile:ident, $w:expr, $nb:expr, $x:expr, $n:expr, $out:expr) => {{
-        let (w, nb, n, out) = ($w, $nb, $n, $out);
-        if nb == 0 {
-            out.fill(0.0);
-            return;
-        }
-        let x = Toks { n, b: $x };
-        let rows = w.len() / nb;
-        if n == 1 {
-            let mut r = 0;
-            while rows - r >= DECODE_ROWS {
-                let (wr, or) = (
-                    &w[r * nb..(r + DECODE_ROWS) * nb],
-                    &mut out[r..r + DECODE_ROWS],
-                );
-                $tile::<DECODE_ROWS, 1>(wr, nb, x, 0, or);
-                r += DECODE_ROWS;
-            }
-            for r in r..rows {
-                $tile::<1, 1>(&w[r * nb..(r + 1) * nb], nb, x, 0, &mut out[r..r + 1]);
-            }
-            return;
-        }
-        let mut t0 = 0;
-        while t0 < n {
-            let g = PREFILL_TOKENS.min(n - t0);
-            let mut r = 0;
-            while rows - r >= PREFILL_ROWS {
-                let (wr, or) = (
-                    &w[r * nb..(r + PREFILL_ROWS) * nb],
-                    &mut out[r * n..(r + PREFILL_ROWS) * n],
-                );
-                group_tiles!($tile, PREFILL_ROWS, wr, nb, x, t0, g, or);
-                r += PREFILL_ROWS;
-            }
-            for r in r..rows {
-                let (wr, or) = (&w[r * nb..(r + 1) * nb], &mut out[r * n..(r + 1) * n]);
-                group_tiles!($tile, 1, wr, nb, x, t0, g, or);
-            }
-            t0 += g;
-        }
-    }};
-}
-
-/// `w`: whole rows of `nb` blocks; `x`: `n` tokens of `nb` blocks;
-/// `out`: rows × `n`, grouped by row.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matmul_q4_0(w: &[BlockQ4_0], nb: usize, x: &[TokBlock], n: usize, out: &mut [f32]) {
-    quant_matmul!(tile_q4_0, w, nb, x, n, out)
-}
-
+/// More tokens: token groups outside, rows inside, so a group's packed
+/// activations (`nb` × 4 tokens × 64 bytes, under 100 KB) stay cached
+/// while the weights stream past once per group, reused by its tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn matmul_q8_0(w: &[BlockQ8_0], nb: usize, x: &[TokBlock], n: usize, out: &mut [f32]) {
-    quant_matmul!(tile_q8_0, w, nb, x, n, out)
+    if nb == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let x = Toks { n, b: x };
+    let rows = w.len() / nb;
+    if n == 1 {
+        let mut r = 0;
+        while rows - r >= DECODE_ROWS {
+            let (wr, or) = (
+                &w[r * nb..(r + DECODE_ROWS) * nb],
+                &mut out[r..r + DECODE_ROWS],
+            );
+            tile_q8_0::<DECODE_ROWS, 1>(wr, nb, x, 0, or);
+            r += DECODE_ROWS;
+        }
+        for r in r..rows {
+            tile_q8_0::<1, 1>(&w[r * nb..(r + 1) * nb], nb, x, 0, &mut out[r..r + 1]);
+        }
+        return;
+    }
+    // One tile per row pair and token group, so each weight block is
+    // loaded once for all the group's tokens.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group<const R: usize>(
+        w: &[BlockQ8_0],
+        nb: usize,
+        x: Toks<'_>,
+        t0: usize,
+        g: usize,
+        out: &mut [f32],
+    ) {
+        match g {
+            1 => tile_q8_0::<R, 1>(w, nb, x, t0, out),
+            2 => tile_q8_0::<R, 2>(w, nb, x, t0, out),
+            3 => tile_q8_0::<R, 3>(w, nb, x, t0, out),
+            _ => tile_q8_0::<R, PREFILL_TOKENS>(w, nb, x, t0, out),
+        }
+    }
+    let mut t0 = 0;
+    while t0 < n {
+        let g = PREFILL_TOKENS.min(n - t0);
+        let mut r = 0;
+        while rows - r >= PREFILL_ROWS {
+            let (wr, or) = (
+                &w[r * nb..(r + PREFILL_ROWS) * nb],
+                &mut out[r * n..(r + PREFILL_ROWS) * n],
+            );
+            group::<PREFILL_ROWS>(wr, nb, x, t0, g, or);
+            r += PREFILL_ROWS;
+        }
+        for r in r..rows {
+            let (wr, or) = (&w[r * nb..(r + 1) * nb], &mut out[r * n..(r + 1) * n]);
+            group::<1>(wr, nb, x, t0, g, or);
+        }
+        t0 += g;
+    }
 }
 
 // ---------------------------------------------------------------- Q4_0 prefill, tokens across lanes
@@ -573,11 +645,12 @@ const LANES: usize = 8;
 /// development machine (`bench_q4_0_prefill`, within its noise).
 const LANE_ROWS: usize = 2;
 const LANE_GROUPS: usize = 3;
-/// From this many tokens on, the lane kernel's padding costs less than the
-/// per-pair reductions of the row-major tiles save. At 4 tokens (four
-/// decoding streams) half its lanes would idle: the 2 × 4 tile decodes 4
-/// streams 1.20× faster (`crystald bench --parallel 4`, 7B q4_0).
-const LANES_MIN_TOKENS: usize = 5;
+/// From this many tokens on, the lane kernel (weights unpacked once, 8
+/// tokens per register) beats the row-lane tiles (weights transposed once
+/// per 4 tokens). Below it, a lane group would be partly empty: at 5 to 8
+/// tokens the row-lane tiles took 0.65 to 0.85 of the lane kernel's time
+/// (`bench_few_tokens`, 11008 × 4096 from memory, one thread).
+const LANES_MIN_TOKENS: usize = 9;
 
 /// Block `b` of eight tokens' Q8_0 activations, transposed for the lane
 /// kernel: `q[k]` holds bytes `4k..4k + 4` of token `t`'s block in 32-bit
@@ -590,7 +663,7 @@ const LANES_MIN_TOKENS: usize = 5;
 struct LaneBlock {
     q: [[u8; 32]; 8],
     /// `8·Σ q` per lane (i32): the correction for unsigned nibbles, as in
-    /// [`tile_q4_0`].
+    /// [`tile_q4_0_rows`].
     bias: [i32; LANES],
     /// The activation scales, f32 per lane.
     d: [f32; LANES],
