@@ -362,12 +362,13 @@ fn sequences_batched_together_equal_each_run_alone() {
     for k in kernels::available() {
         for preset in ["f32", "q4_0", "q4_k_m"] {
             // Exact where every product gives a row · token the same bits
-            // at any batch size (tests/kernels.rs, SAME_BITS_AT_ANY_BATCH):
-            // float weights, and Q4_0 on the scalar and AVX2 sets. Here the
-            // first step mixes whole prompts, so it crosses the AVX2 set's
-            // kernel choice by token count.
-            let exact =
-                k.name() == "scalar" || preset == "f32" || (preset == "q4_0" && k.name() == "avx2");
+            // at any batch size: the scalar set, float weights, and Q4_0 on
+            // the sets in Q4_0_SAME_BITS_AT_ANY_BATCH. Here the first step
+            // mixes whole prompts, so it crosses the AVX2 set's kernel
+            // choice by token count.
+            let exact = k.name() == "scalar"
+                || preset == "f32"
+                || (preset == "q4_0" && Q4_0_SAME_BITS_AT_ANY_BATCH.contains(&k.name()));
             let model = Model::load(&converted("tiny-a", preset), k, 2).unwrap();
             let vocab = model.hp.vocab_size;
             let greedy =

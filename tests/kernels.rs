@@ -10,6 +10,8 @@
 //! `bench_*` (ignored) are micro-benchmarks:
 //! `cargo test --release --test kernels -- --ignored --nocapture --test-threads 1`.
 
+mod common;
+
 use crystald::kernels::{available, scalar::Scalar, select, Acts, Kernels, PackBuf, Weight};
 use crystald::quant::k_search::{scale_min_k4, ScaleMinBlock};
 use crystald::quant::{
@@ -411,19 +413,12 @@ fn matmul_q4_0_matches_reference() {
     }
 }
 
-/// The kernel sets whose Q4_0 products give each row · token the same bits
-/// however many tokens share the call (each keeps one accumulator per row ·
-/// token, fed block by block in the same order). This is what lets a
-/// request decode to the same tokens alone or batched with others; the
-/// daemon's batching test relies on it for these sets.
-const SAME_BITS_AT_ANY_BATCH: [&str; 2] = ["scalar", "avx2"];
-
 #[test]
 fn q4_0_products_have_the_same_bits_at_any_token_count() {
     let mut rng = Rng(2);
     let sets: Vec<_> = kernels()
         .into_iter()
-        .filter(|k| SAME_BITS_AT_ANY_BATCH.contains(&k.name()))
+        .filter(|k| common::Q4_0_SAME_BITS_AT_ANY_BATCH.contains(&k.name()))
         .collect();
     assert!(sets.iter().any(|k| k.name() == "scalar"));
     #[cfg(target_arch = "x86_64")]
@@ -1366,14 +1361,14 @@ fn bench_few_tokens() {
             .unzip();
         for k in kernels().into_iter().filter(|k| k.name() != "scalar") {
             let mut one = 0.0;
+            let w = |i: usize| Weight {
+                ty,
+                rows,
+                cols,
+                data: &mats[i],
+            };
+            let nb = cols / ty.block_size();
             for n in 1..=8 {
-                let w = |i: usize| Weight {
-                    ty,
-                    rows,
-                    cols,
-                    data: &mats[i],
-                };
-                let nb = cols / ty.block_size();
                 let acts = match &xs[0] {
                     BenchActs::Q8_0(x) => Acts::Q8_0(&x[..n * nb]),
                     BenchActs::Q8K(x) => Acts::Q8K(&x[..n * nb]),
@@ -1394,7 +1389,7 @@ fn bench_few_tokens() {
                         k.matmul_rows(&w(0), &xp, 0..hot_rows, &mut out[..hot_rows * n]);
                     }
                 }) / 32.0
-                    * (rows / hot_rows) as f64;
+                    * (rows as f64 / hot_rows as f64);
                 if n == 1 {
                     one = t;
                 }

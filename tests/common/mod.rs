@@ -30,6 +30,13 @@ pub const FIXTURES: [&str; 2] = ["tiny-a", "tiny-b"];
 /// Every storage type: q4_k_m holds Q4_K and Q6_K, q5_k_m Q5_K.
 pub const PRESETS: [&str; 6] = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"];
 
+/// The kernel sets whose Q4_0 products give each row · token the same bits
+/// however many tokens share the call (each keeps one accumulator per row ·
+/// token, fed block by block in the same order), so a request decodes the
+/// same alone or batched. `tests/kernels.rs` proves it per product;
+/// `tests/engine_fixtures.rs` relies on it for whole batched steps.
+pub const Q4_0_SAME_BITS_AT_ANY_BATCH: [&str; 2] = ["scalar", "avx2"];
+
 struct Silent;
 impl Progress for Silent {
     fn start(&mut self, _: u64, _: usize) {}
