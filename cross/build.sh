@@ -57,7 +57,10 @@ if [ "$release" = 1 ]; then
 fi
 # shellcheck source=cross/zig.sh
 . cross/zig.sh
-zig_cargo build --locked "${profile_flag[@]}" -p crystald -p crystal-quantize --bins
+# crystald with the GPU backend: it opens the CUDA driver only when a GPU
+# is asked for (`device = "auto"` finds none on a Raspberry Pi and runs on
+# the CPU), so one binary serves every board, Jetsons included.
+zig_cargo build --locked "${profile_flag[@]}" -p crystald -p crystal-quantize --bins --features crystald/cuda
 
 out=${CARGO_TARGET_DIR:-target}/$target/$profile_dir
 for b in crystald crystal-quantize; do

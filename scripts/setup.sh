@@ -26,6 +26,12 @@ fi
 if ! .venv/bin/python -c 'import ziglang' 2>/dev/null || [ ! -x .venv/bin/cargo-zigbuild ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check 'ziglang==0.17.*' 'cargo-zigbuild==0.24.*'
 fi
+# NVRTC, the CUDA compiler library (no GPU needed to run it): tests/device.rs
+# compiles the GPU kernels with it, as crystald does at start-up on a GPU.
+# 12.2 is JetPack 6.0's, the oldest CUDA the `cuda` feature supports.
+if ! compgen -G '.venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12' >/dev/null; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check 'nvidia-cuda-nvrtc-cu12==12.2.*'
+fi
 # Debian packages, gathered first so that apt runs (and updates) once.
 need=()
 # systemd-analyze and systemd-socket-activate: tests/systemd_units.rs checks

@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CRYSTALD_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace --locked "$@"
+# The `cuda` feature on a machine without a GPU: its host-side unit tests,
+# the fallbacks and errors of --device, and the kernels compiled by the
+# NVRTC that setup.sh installs (the GPU itself: scripts/gpu-check.sh).
+CRYSTALD_NVRTC=$(echo "$PWD"/.venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12)
+export CRYSTALD_NVRTC
+cargo test --locked --features cuda --lib "$@" -- cuda:: device::
+cargo test --locked --features cuda --test device "$@"
 
 # A time-boxed fuzz pass of every parser that reads outside data (the long
 # run is `scripts/fuzz.sh 600`). A crash fails the suite.

@@ -14,8 +14,12 @@ pub mod quant;
 
 #[cfg(feature = "runtime")]
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "runtime")]
 pub mod daemon;
+#[cfg(feature = "runtime")]
+pub mod device;
 #[cfg(feature = "runtime")]
 pub mod generate;
 #[cfg(feature = "runtime")]

@@ -23,7 +23,7 @@ fn run(
     kv: KvType,
 ) -> Measured {
     let path = converted(fixture_name, preset);
-    let model = Model::load(&path, kernels, 2).unwrap();
+    let model = load_model(&path, kernels, 2);
     let exp = expected(fixture_name);
     let vocab = model.hp.vocab_size;
     let (mut ours_all, mut ref_all) = (Vec::new(), Vec::new());
@@ -103,7 +103,7 @@ fn each_kernel_set(f: impl Fn(&'static dyn kernels::Kernels)) {
 
 #[test]
 fn f32_matches_reference_logits_and_greedy_tokens() {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let m = run(fx, "f32", k, KvType::F32);
             assert!(
@@ -124,7 +124,7 @@ fn f32_matches_reference_logits_and_greedy_tokens() {
 
 #[test]
 fn f16_matches_reference_within_2e_3() {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let m = run(fx, "f16", k, KvType::F32);
             assert!(
@@ -143,7 +143,7 @@ fn f16_matches_reference_within_2e_3() {
 // KL divergence the main one.
 #[test]
 fn q8_0_quality_is_within_measured_bounds() {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let m = run(fx, "q8_0", k, KvType::F32);
             assert!(
@@ -170,7 +170,7 @@ fn q8_0_quality_is_within_measured_bounds() {
 
 #[test]
 fn q4_0_quality_is_within_measured_bounds() {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let m = run(fx, "q4_0", k, KvType::F32);
             assert!(
@@ -193,7 +193,7 @@ fn q4_0_quality_is_within_measured_bounds() {
 /// A k-quant preset's quality on every kernel set: bounds at about 1.5×
 /// the measured values (README, "Quantization quality").
 fn k_quant_preset_within(preset: &str, max_l2: f64, max_kl: f64) {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let m = run(fx, preset, k, KvType::F32);
             assert!(
@@ -216,7 +216,7 @@ fn k_quant_preset_within(preset: &str, max_l2: f64, max_kl: f64) {
 /// the KL of the q4_0 preset, on both fixtures, with every kernel set.
 #[test]
 fn q4_k_m_quality_beats_q4_0_by_a_fifth() {
-    for fx in FIXTURES {
+    for fx in fixtures() {
         each_kernel_set(|k| {
             let (km, q4) = (
                 run(fx, "q4_k_m", k, KvType::F32),
@@ -292,9 +292,10 @@ fn q8_0_kv_cache_quality_is_within_measured_bounds() {
 fn decode_through_the_cache_equals_a_full_recompute() {
     // Logits of token t computed incrementally must equal those of a batch
     // run over the same prefix: this is what makes prefix reuse exact.
-    let path = converted("tiny-b", "f32");
-    let model = Model::load(&path, kernels::select(None).unwrap(), 2).unwrap();
-    let tokens = &expected("tiny-b").tokens[0];
+    let fx = fixtures()[fixtures().len() - 1];
+    let path = converted(fx, "f32");
+    let model = load_model(&path, kernels::select(None).unwrap(), 2);
+    let tokens = &expected(fx).tokens[0];
     let vocab = model.hp.vocab_size;
     let mut batch = Session::new(&model, 128, KvType::F32);
     let all = batch.forward(&model, tokens, Logits::All).unwrap().to_vec();

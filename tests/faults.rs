@@ -30,9 +30,10 @@ impl Drop for Daemon {
 
 impl Daemon {
     /// Starts `crystald serve` on `model` and `socket`, logging to `log`.
-    fn spawn(model: &Path, socket: &Path, log: &Path) -> Daemon {
+    fn spawn(model: &Path, socket: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
         let err = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_crystald"))
+            .envs(env.iter().copied())
             .args(["serve", "--threads", "1", "--ctx", "448"])
             .args(["--config", "/dev/null"])
             .arg("--model")
@@ -52,7 +53,11 @@ impl Daemon {
     }
 
     fn start(model: &Path, socket: &Path, log: &Path) -> Daemon {
-        let mut d = Self::spawn(model, socket, log);
+        Self::start_with_env(model, socket, log, &[])
+    }
+
+    fn start_with_env(model: &Path, socket: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Self::spawn(model, socket, log, env);
         let until = Instant::now() + WAIT;
         while UnixStream::connect(&d.socket).is_err() {
             if let Some(status) = d.child.try_wait().unwrap() {
@@ -105,6 +110,17 @@ impl Daemon {
                 return Some(v);
             }
         }
+    }
+}
+
+impl Daemon {
+    /// One control request's reply line.
+    fn ask_op(&self, req: &Value) -> Value {
+        let (mut s, mut r) = self.connect();
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
     }
 }
 
@@ -236,4 +252,40 @@ fn a_model_file_rewritten_in_place_gives_garbage_but_no_crash() {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     assert!(line.contains("\"ok\""), "{line}");
+}
+
+/// A GPU error in the middle of a reply (injected: no GPU is needed): that
+/// request gets an `internal` error naming it, nothing hangs, and the
+/// worker stops so that health says "failed" and systemd's watchdog
+/// restarts the daemon, rather than serving from a GPU in an unknown state.
+#[test]
+fn a_gpu_error_mid_reply_fails_the_request_and_stops_the_worker() {
+    let dir = temp_dir();
+    let model = converted("tiny-a", "q4_0");
+    let socket = dir.path().join("crystald.sock");
+    let fault = [("CRYSTALD_FAULT_DEVICE_AT_STEP", "3")];
+    let d = Daemon::start_with_env(&model, &socket, &dir.path().join("log"), &fault);
+    // Step 1 reads the prompt, step 2 decodes, step 3 fails.
+    let e = d.ask(&request("hit", 20)).expect("an answer, not a hang");
+    assert_eq!(
+        (&e["event"], &e["code"]),
+        (&json!("error"), &json!("internal")),
+        "{e}"
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("GPU error") && msg.contains("injected fault"),
+        "{e}"
+    );
+
+    let health = d.ask_op(&json!({"op": "health"}));
+    assert_eq!(health["status"], "failed", "{health}");
+    assert_eq!(health["device"], "cpu", "{health}");
+    let after = d.ask(&request("after", 4)).expect("an answer, not a hang");
+    assert_eq!(
+        (&after["event"], &after["code"]),
+        (&json!("error"), &json!("internal")),
+        "{after}"
+    );
+    assert!(d.log().contains("the GPU failed"), "{}", d.log());
 }

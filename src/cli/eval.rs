@@ -56,7 +56,7 @@ pub fn run(a: Args) -> Result<()> {
             model.hp.context_length
         );
     }
-    let mut session = Session::new(&model, needed, a.kv_type);
+    let mut session = Session::try_new(&model, needed, a.kv_type).map_err(anyhow::Error::msg)?;
     let logits = session.forward(&model, &tokens, Logits::All)?;
     if let Some(path) = &a.dump_logits {
         let file = std::fs::File::create(path)

@@ -84,7 +84,7 @@ pub fn run(a: Args) -> Result<()> {
         chat::render(&tok, &messages)?
     };
     let n_ctx = a.ctx.unwrap_or(model.hp.context_length);
-    let mut session = Session::new(&model, n_ctx, a.kv_type);
+    let mut session = Session::try_new(&model, n_ctx, a.kv_type).map_err(anyhow::Error::msg)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling,

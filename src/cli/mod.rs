@@ -11,7 +11,7 @@ pub mod verify;
 
 use anyhow::{Context, Result};
 use crystald::kernels;
-use crystald::model::Model;
+use crystald::model::{DeviceChoice, Model};
 use crystald::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -58,12 +58,24 @@ pub struct ModelArgs {
     /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod (default: CRYSTALD_KERNELS or auto).
     #[arg(long)]
     pub kernels: Option<String>,
+    /// Where the model runs: cpu, cuda, or auto (the GPU when one is usable).
+    #[arg(long, default_value = "auto", env = "CRYSTALD_DEVICE", value_parser = parse_device)]
+    pub device: DeviceChoice,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<(Model, Tokenizer)> {
-        load(&self.model, self.threads, self.kernels.as_deref())
+        load(
+            &self.model,
+            self.threads,
+            self.kernels.as_deref(),
+            self.device,
+        )
     }
+}
+
+pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse()
 }
 
 /// The kernel set `--kernels NAME` names, else `CRYSTALD_KERNELS`, else the best.
@@ -75,17 +87,24 @@ pub fn kernel_set(name: Option<&str>) -> Result<&'static dyn kernels::Kernels> {
     .map_err(anyhow::Error::msg)
 }
 
+/// Loads the model and its tokenizer and places it on `device`; a note
+/// goes to stderr when it runs on a GPU or stayed off one it could have used.
 pub fn load(
     path: &Path,
     threads: Option<usize>,
     kernels: Option<&str>,
+    device: DeviceChoice,
 ) -> Result<(Model, Tokenizer)> {
     let k = kernel_set(kernels)?;
     let threads = threads.unwrap_or_else(crystald::cpu::physical_cores);
     if threads == 0 {
         anyhow::bail!("--threads must be at least 1");
     }
-    let model = Model::load(path, k, threads)?;
+    let mut model = Model::load(path, k, threads)?;
+    let placed = model.place(device).map_err(anyhow::Error::msg)?;
+    if placed != "device: cpu" {
+        eprintln!("crystald: {placed}");
+    }
     let tok = Tokenizer::from_json(model.tokenizer_json(), model.special)
         .with_context(|| format!("{}: embedded tokenizer", path.display()))?;
     Ok((model, tok))

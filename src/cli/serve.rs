@@ -19,6 +19,9 @@ pub struct Args {
     /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod [config: kernels].
     #[arg(long)]
     kernels: Option<String>,
+    /// Where the model runs: cpu, cuda or auto [config: device; default auto].
+    #[arg(long)]
+    device: Option<String>,
     /// Context window in tokens [config: ctx; default: the model's].
     #[arg(long)]
     ctx: Option<usize>,
@@ -90,7 +93,7 @@ impl Args {
             };
         }
         named!(kv_type => cfg.kv_type, kv_budget => cfg.kv_budget, log_level => cfg.log_level,
-               memory_check => cfg.memory_check, prefetch => cfg.prefetch);
+               memory_check => cfg.memory_check, prefetch => cfg.prefetch, device => cfg.device);
         cfg.lock_weights |= self.lock_weights;
         cfg.verify_model |= self.verify_model;
         cfg.model = self.model.or(cfg.model);
@@ -121,7 +124,8 @@ pub fn run(a: Args) -> Result<()> {
     let cfg = a.config().map_err(anyhow::Error::msg)?;
     daemon::serve(cfg, |cfg| {
         let path = cfg.model.as_deref().expect("validated before loading");
-        super::load(path, cfg.threads, cfg.kernels.as_deref()).map_err(|e| format!("{e:#}"))
+        super::load(path, cfg.threads, cfg.kernels.as_deref(), cfg.device)
+            .map_err(|e| format!("{e:#}"))
     })
     .map_err(anyhow::Error::msg)
 }

@@ -17,7 +17,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     // Tokenizing needs the file's tokenizer and ids, not the weights' compute.
-    let (model, tok) = super::load(&a.model, Some(1), None)?;
+    let (model, tok) = super::load(&a.model, Some(1), None, crystald::model::DeviceChoice::Cpu)?;
     drop(model);
     let ids = if let Some(text) = &a.text {
         tok.encode(text)?

@@ -3,7 +3,7 @@
 
 use super::logging::Level;
 use super::transport::mqtt::settings::Protocol;
-use crate::model::{KvType, Prefetch};
+use crate::model::{DeviceChoice, KvType, Prefetch};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Kernel set: auto, scalar, avx2, avx512, neon, neon-dotprod.
     pub kernels: Option<String>,
+    /// Where the model runs: cpu, cuda, or auto (the GPU when usable).
+    pub device: DeviceChoice,
     /// Context window in tokens (default: the model's).
     pub ctx: Option<usize>,
     /// KV pool element type: f16, f32 or q8_0.
@@ -202,6 +204,7 @@ impl Default for Config {
             allowed_groups: Vec::new(),
             threads: None,
             kernels: None,
+            device: DeviceChoice::Auto,
             ctx: None,
             kv_type: KvType::F16,
             parallel: 4,

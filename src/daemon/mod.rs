@@ -92,9 +92,10 @@ pub fn serve(
     let kv_type = cfg.kv_type;
     let name = model.name().to_string();
     log_info!(
-        "model {name}: {} layers, context {} (serving {n_ctx}), kernels {}, {} threads",
+        "model {name}: {} layers, context {} (serving {n_ctx}), device {}, kernels {}, {} threads",
         model.hp.n_layer,
         model.hp.context_length,
+        model.device().name(),
         model.kernels.name(),
         model.threads()
     );

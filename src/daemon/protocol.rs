@@ -452,6 +452,14 @@ pub struct Health {
     /// first), for `--kernels` / `CRYSTALD_KERNELS`.
     pub kernels: &'static str,
     pub kernels_available: Vec<&'static str>,
+    /// Where the model runs: `cpu` or `cuda` (`device` in the config).
+    pub device: &'static str,
+    /// GPU memory the model holds (weights, KV cache, scratch); absent on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_mib: Option<f64>,
+    /// The daemon's resident memory on the host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_mib: Option<f64>,
     pub uptime_s: f64,
     /// Requests waiting for the worker (not counting the running one).
     pub queue_depth: usize,

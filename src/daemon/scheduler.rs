@@ -26,7 +26,7 @@ use super::protocol::{
 };
 use crate::generate::{self, FinishReason, Flow, Generation, Generator, Next};
 use crate::model::forward::MAX_BATCH;
-use crate::model::{Engine, KvType, Logits, Model, Sequence, Step};
+use crate::model::{Engine, EngineError, KvType, Logits, Model, Sequence, Step};
 use crate::tokenizer::Tokenizer;
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
@@ -116,6 +116,8 @@ struct Shared {
     parallel: usize,
     model_name: String,
     kernels: &'static str,
+    device: &'static str,
+    gpu_bytes: Option<u64>,
     /// Every kernel set this CPU offers, best first (for `health`).
     kernels_available: Vec<&'static str>,
     started: Instant,
@@ -214,6 +216,11 @@ impl Scheduler {
             parallel: cfg.parallel.max(1),
             model_name: model.name().to_string(),
             kernels: model.kernels.name(),
+            device: model.device().name(),
+            gpu_bytes: model
+                .device()
+                .weight_bytes()
+                .map(|w| w + engine.gpu_bytes()),
             kernels_available: crate::kernels::available()
                 .iter()
                 .map(|k| k.name())
@@ -244,6 +251,7 @@ impl Scheduler {
                     preempted: VecDeque::new(),
                     keep: cfg.kv_keep_tokens,
                     logits: Vec::new(),
+                    device_failed: false,
                 }
                 .work();
             })
@@ -342,6 +350,9 @@ impl Scheduler {
             model: self.shared.model_name.clone(),
             kernels: self.shared.kernels,
             kernels_available: self.shared.kernels_available.clone(),
+            device: self.shared.device,
+            gpu_mib: self.shared.gpu_bytes.map(|b| b as f64 / (1 << 20) as f64),
+            rss_mib: crate::procfs::status_bytes("VmRSS").map(|b| b as f64 / (1 << 20) as f64),
             uptime_s: self.shared.started.elapsed().as_secs_f64(),
             queue_depth,
             queue_capacity: self.shared.capacity,
@@ -545,6 +556,9 @@ struct Batcher<'a> {
     /// Cached tokens kept when idle.
     keep: usize,
     logits: Vec<f32>,
+    /// Set when the GPU failed: its state is unknown, so the worker stops
+    /// (health turns "failed", systemd's watchdog restarts the daemon).
+    device_failed: bool,
 }
 
 impl<'a> Batcher<'a> {
@@ -568,6 +582,10 @@ impl<'a> Batcher<'a> {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
             if outcome.is_err() {
                 self.recover();
+            }
+            if self.device_failed {
+                self.stop_after_device_failure();
+                return;
             }
             *self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()) = pool_stats(&self.engine);
         }
@@ -725,8 +743,8 @@ impl<'a> Batcher<'a> {
                 self.logits.extend_from_slice(out);
             }
             Err(e) => {
-                // Checked before each step; reaching this is a bug, and
-                // only the requests in the step can be blamed.
+                // Checked before each step, so this is a bug or the GPU
+                // failing; only the requests in the step can be blamed.
                 log_error!("a step failed: {e}");
                 for &(i, _, _) in plan.iter().rev() {
                     let mut a = self.active.remove(i);
@@ -735,6 +753,7 @@ impl<'a> Batcher<'a> {
                         .finish(Event::error(ErrorCode::Internal, e.to_string()));
                     self.shared.forget(a.job.ticket);
                 }
+                self.device_failed = matches!(e, EngineError::Device(_));
                 return;
             }
         }
@@ -811,6 +830,30 @@ impl<'a> Batcher<'a> {
         let event = done_event(self.shared, &job, g, queued);
         job.finish(event);
         self.shared.forget(job.ticket);
+    }
+
+    /// After a GPU error: every other request, running or queued, gets an
+    /// error now rather than waiting on a worker that is about to stop.
+    fn stop_after_device_failure(&mut self) {
+        log_error!(
+            "the GPU failed; the worker stops and the daemon reports \"failed\" \
+             until it is restarted (under systemd the watchdog restarts it)"
+        );
+        let why = "the GPU failed; the daemon must be restarted";
+        let queued: Vec<Job> = {
+            let mut st = self.shared.lock();
+            st.accepting = false;
+            st.queue.drain(..).collect()
+        };
+        for mut job in queued {
+            job.finish(Event::error(ErrorCode::Internal, why));
+        }
+        for mut a in self.active.drain(..).chain(self.preempted.drain(..)) {
+            if !a.job.answered {
+                a.job.finish(Event::error(ErrorCode::Internal, why));
+            }
+            self.shared.forget(a.job.ticket);
+        }
     }
 
     /// After a panic: every request in flight gets an error, and the engine

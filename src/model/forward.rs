@@ -54,11 +54,11 @@ pub struct Step<'a> {
 /// One row of a step: which step, its position and token, and whether its
 /// logits are wanted.
 #[derive(Clone, Copy)]
-struct Row {
-    step: usize,
-    pos: usize,
-    token: u32,
-    logits: bool,
+pub(crate) struct Row {
+    pub step: usize,
+    pub pos: usize,
+    pub token: u32,
+    pub logits: bool,
 }
 
 /// The most scratch memory a session uses (the buffers below at a full
@@ -93,6 +93,14 @@ pub struct Engine {
     q8k: Vec<BlockQ8K>,
     packed: PackBuf,
     logits: Vec<f32>,
+    /// Set when the model is on a GPU: the step runs there, on the same
+    /// rows and block tables (the pool above keeps only the bookkeeping).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::GpuEngine>,
+    /// Fault injection for the daemon's tests: the step with this number
+    /// (from 1) fails as a GPU error would (`CRYSTALD_FAULT_DEVICE_AT_STEP`).
+    fault_at_step: Option<u64>,
+    steps_run: u64,
 }
 
 impl Engine {
@@ -111,10 +119,21 @@ impl Engine {
             let mib = KvPool::full_bytes(kv_type, hp.n_layer, hp.n_embd, pool_tokens) >> 20;
             format!("cannot reserve {mib} MiB of address space for the KV pool: {e}")
         })?;
+        let rope = ops::rope_table(n_ctx, hp.rotary_dim, hp.rope_freq_base);
+        #[cfg(feature = "cuda")]
+        let gpu = match model.device().gpu() {
+            Some(g) => {
+                let blocks = pool.capacity() / BLOCK;
+                Some(crate::cuda::GpuEngine::new(
+                    g, model, n_ctx, blocks, kv_type, &rope,
+                )?)
+            }
+            None => None,
+        };
         Ok(Engine {
             pool,
             n_ctx,
-            rope: ops::rope_table(n_ctx, hp.rotary_dim, hp.rope_freq_base),
+            rope,
             rows: Vec::new(),
             x: Vec::new(),
             h: Vec::new(),
@@ -128,7 +147,22 @@ impl Engine {
             q8k: Vec::new(),
             packed: PackBuf::default(),
             logits: Vec::new(),
+            #[cfg(feature = "cuda")]
+            gpu,
+            fault_at_step: std::env::var("CRYSTALD_FAULT_DEVICE_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            steps_run: 0,
         })
+    }
+
+    /// GPU memory the engine holds (KV store and scratch); 0 on the CPU.
+    pub fn gpu_bytes(&self) -> u64 {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.bytes();
+        }
+        0
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -214,8 +248,23 @@ impl Engine {
                 }));
         }
         self.logits.clear();
+        self.steps_run += 1;
+        if self.fault_at_step == Some(self.steps_run) {
+            return Err(EngineError::Device(
+                "injected fault (CRYSTALD_FAULT_DEVICE_AT_STEP)".into(),
+            ));
+        }
         let rows = std::mem::take(&mut self.rows);
         for chunk in rows.chunks(MAX_BATCH) {
+            #[cfg(feature = "cuda")]
+            if let Some(g) = &mut self.gpu {
+                let gpu = model.device().gpu().expect("a GPU engine has a GPU model");
+                if let Err(e) = g.run_chunk(gpu, model, steps, chunk, &mut self.logits) {
+                    self.rows = rows;
+                    return Err(EngineError::Device(e));
+                }
+                continue;
+            }
             self.run_chunk(model, steps, chunk);
         }
         self.rows = rows;
@@ -473,12 +522,21 @@ pub struct Session {
 impl Session {
     /// A session with room for `n_ctx` tokens (at most the model's context length).
     pub fn new(model: &Model, n_ctx: usize, kv_type: KvType) -> Session {
+        Self::try_new(model, n_ctx, kv_type).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Session::new`], with an error where the KV cache cannot be had
+    /// (address space, or GPU memory for a model on a GPU).
+    pub fn try_new(model: &Model, n_ctx: usize, kv_type: KvType) -> Result<Session, String> {
         let n_ctx = n_ctx.clamp(1, model.hp.context_length);
-        let engine = Engine::new(model, n_ctx, n_ctx, kv_type).unwrap_or_else(|e| panic!("{e}"));
-        Session {
-            engine,
+        Ok(Session {
+            engine: Engine::new(model, n_ctx, n_ctx, kv_type)?,
             seq: Sequence::default(),
-        }
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Tokens in the cache.

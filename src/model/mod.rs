@@ -15,6 +15,7 @@ pub use forward::{Engine, Logits, Session, Step};
 pub use kv_pool::{KvPool, KvType, Sequence};
 pub use residency::Prefetch;
 
+pub use crate::device::{DeviceChoice, Placement};
 use crate::gguf::{self, Gguf, TensorInfo};
 use crate::kernels::{Kernels, Weight};
 use crate::model_file::{self, keys, Hparams, Kind, SpecialTokens};
@@ -43,6 +44,9 @@ pub enum EngineError {
         needed: usize,
         available: usize,
     },
+    /// The GPU failed during the step (the driver's words). The step's
+    /// sequences hold reserved but unwritten positions: release them.
+    Device(String),
 }
 
 impl fmt::Display for EngineError {
@@ -63,6 +67,7 @@ impl fmt::Display for EngineError {
                 f,
                 "the KV pool is full: {needed} positions needed, {available} free"
             ),
+            EngineError::Device(e) => write!(f, "GPU error: {e}"),
         }
     }
 }
@@ -71,30 +76,30 @@ impl std::error::Error for EngineError {}
 
 /// Where a tensor's bytes are in the map, and its matrix shape.
 #[derive(Clone, Copy, Debug)]
-struct TensorLoc {
-    ty: GgmlType,
-    offset: usize,
-    n_bytes: usize,
-    rows: usize,
-    cols: usize,
+pub(crate) struct TensorLoc {
+    pub ty: GgmlType,
+    pub offset: usize,
+    pub n_bytes: usize,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Layer {
-    attn_norm_w: TensorLoc,
-    attn_norm_b: TensorLoc,
-    qkv_w: TensorLoc,
-    qkv_b: TensorLoc,
-    attn_out_w: TensorLoc,
-    attn_out_b: TensorLoc,
-    ffn_norm_w: TensorLoc,
-    ffn_norm_b: TensorLoc,
-    up_w: TensorLoc,
-    up_b: TensorLoc,
-    gate_w: TensorLoc,
-    gate_b: TensorLoc,
-    down_w: TensorLoc,
-    down_b: TensorLoc,
+pub(crate) struct Layer {
+    pub attn_norm_w: TensorLoc,
+    pub attn_norm_b: TensorLoc,
+    pub qkv_w: TensorLoc,
+    pub qkv_b: TensorLoc,
+    pub attn_out_w: TensorLoc,
+    pub attn_out_b: TensorLoc,
+    pub ffn_norm_w: TensorLoc,
+    pub ffn_norm_b: TensorLoc,
+    pub up_w: TensorLoc,
+    pub up_b: TensorLoc,
+    pub gate_w: TensorLoc,
+    pub gate_b: TensorLoc,
+    pub down_w: TensorLoc,
+    pub down_b: TensorLoc,
 }
 
 pub struct Model {
@@ -109,6 +114,8 @@ pub struct Model {
     layers: Vec<Layer>,
     pub kernels: &'static dyn Kernels,
     pool: rayon::ThreadPool,
+    /// Where the forward pass runs (see [`Model::place`]).
+    device: Placement,
 }
 
 /// Alignment every tensor must have in the map, so f32 vectors and SIMD
@@ -175,7 +182,76 @@ impl Model {
             file,
             kernels,
             pool,
+            device: Placement::Cpu,
         })
+    }
+
+    /// Moves the forward pass to the device `choice` names: `Cpu` keeps it
+    /// here; `Cuda` uploads the weights to the GPU or fails naming what is
+    /// missing; `Auto` tries the GPU and stays on the CPU when it cannot be
+    /// used. Returns the line for the log (which device, and why not the GPU).
+    pub fn place(&mut self, choice: DeviceChoice) -> Result<String, String> {
+        if choice == DeviceChoice::Cpu {
+            return Ok("device: cpu".into());
+        }
+        match self.open_gpu() {
+            Ok(line) => Ok(line),
+            Err(e) if choice == DeviceChoice::Auto => {
+                Ok(format!("device: cpu (no usable GPU: {e})"))
+            }
+            Err(e) => Err(format!("--device cuda: {e}")),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn open_gpu(&mut self) -> Result<String, String> {
+        Err("this crystald was built without CUDA support (cargo feature `cuda`)".into())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn open_gpu(&mut self) -> Result<String, String> {
+        let all = self.file.header.tensors.iter();
+        if let Some(t) = all.clone().find(|t| !crate::cuda::forward::supported(t.ty)) {
+            return Err(format!(
+                "tensor '{}' is {}: the GPU kernels read f32, f16, q4_0 and q8_0 weights",
+                t.name, t.ty
+            ));
+        }
+        let start = all.clone().map(|t| t.offset as usize).min().unwrap_or(0);
+        let end = all
+            .map(|t| (t.offset + t.n_bytes) as usize)
+            .max()
+            .unwrap_or(0);
+        let mut gpu = crate::cuda::Gpu::open()?;
+        let map = self.file.map();
+        // The file's pages are dropped as soon as they are on the GPU, so
+        // a board whose CPU and GPU share DRAM never holds the model twice.
+        gpu.upload_weights(&map[start..end], start, 64 << 20, |r| {
+            residency::evict(map, r)
+        })?;
+        let line = format!(
+            "device: cuda, {} ({} MiB of weights on the GPU)",
+            gpu.info.summary(),
+            gpu.weight_bytes() >> 20
+        );
+        self.device = Placement::Cuda(Box::new(gpu));
+        Ok(line)
+    }
+
+    pub fn device(&self) -> &Placement {
+        &self.device
+    }
+
+    pub(crate) fn token_embd_loc(&self) -> TensorLoc {
+        self.token_embd
+    }
+
+    pub(crate) fn output_norm_locs(&self) -> (TensorLoc, TensorLoc) {
+        (self.output_norm_w, self.output_norm_b)
+    }
+
+    pub(crate) fn layer_locs(&self) -> &[Layer] {
+        &self.layers
     }
 
     pub fn tokenizer_json(&self) -> &str {

@@ -100,3 +100,29 @@ pub fn read_bandwidth(map: &Mmap, pool: &rayon::ThreadPool) -> f64 {
     let best = (0..3).map(|_| pass()).fold(f64::INFINITY, f64::min);
     (words.len() * 8) as f64 / best / 1e9
 }
+
+/// Drops the pages of `range` (file offsets) from this process and, where
+/// nothing else maps them, from the page cache: once the weights are on a
+/// GPU the CPU never reads them again, and on a Jetson the page cache
+/// would otherwise keep a second copy in the one shared DRAM. Best effort:
+/// the pages are clean, a failure only leaves them cached.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn evict(map: &Mmap, range: std::ops::Range<usize>) {
+    let page = 4096;
+    let start = range.start / page * page;
+    let end = range.end.min(map.len());
+    if start >= end {
+        return;
+    }
+    // SAFETY: the range lies inside the live, read-only, file-backed map
+    // (start is page-aligned, end clamped to its length). MADV_PAGEOUT
+    // only reclaims; MADV_DONTNEED on a read-only file mapping makes the
+    // next access read the file again, so no data can be lost either way.
+    unsafe {
+        let addr = map.as_ptr().add(start) as *mut nix::libc::c_void;
+        let len = end - start;
+        if nix::libc::madvise(addr, len, nix::libc::MADV_PAGEOUT) != 0 {
+            nix::libc::madvise(addr, len, nix::libc::MADV_DONTNEED);
+        }
+    }
+}

@@ -12,8 +12,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+/// `../shared` beside the project, or `CRYSTALD_SHARED` (a test binary run
+/// elsewhere: `scripts/gpu-check.sh`).
 pub fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+    match std::env::var_os("CRYSTALD_SHARED") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
+    }
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -27,6 +32,45 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub const FIXTURES: [&str; 2] = ["tiny-a", "tiny-b"];
+
+/// [`FIXTURES`], or the ones `CRYSTALD_TEST_FIXTURES` names (the GPU check
+/// carries tiny-a only: a device run's files are size-limited).
+pub fn fixtures() -> Vec<&'static str> {
+    let Ok(only) = std::env::var("CRYSTALD_TEST_FIXTURES") else {
+        return FIXTURES.to_vec();
+    };
+    let only: Vec<&str> = only.split(',').map(str::trim).collect();
+    for n in &only {
+        assert!(
+            FIXTURES.contains(n),
+            "CRYSTALD_TEST_FIXTURES names '{n}', not a fixture"
+        );
+    }
+    FIXTURES.into_iter().filter(|f| only.contains(f)).collect()
+}
+
+/// Loads a model on the device `CRYSTALD_TEST_DEVICE` names (default the
+/// CPU): `scripts/gpu-check.sh` runs the fixture comparisons on a GPU
+/// with it, and a GPU that cannot be used is then a failure, not a fallback.
+pub fn load_model(
+    path: &Path,
+    kernels: &'static dyn crystald::kernels::Kernels,
+    threads: usize,
+) -> crystald::model::Model {
+    use crystald::model::DeviceChoice;
+    let mut model = crystald::model::Model::load(path, kernels, threads).unwrap();
+    let device = std::env::var("CRYSTALD_TEST_DEVICE")
+        .map(|d| d.parse::<DeviceChoice>().expect("CRYSTALD_TEST_DEVICE"))
+        .unwrap_or(DeviceChoice::Cpu);
+    if device != DeviceChoice::Cpu {
+        let line = model
+            .place(DeviceChoice::Cuda)
+            .unwrap_or_else(|e| panic!("{e}"));
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| eprintln!("{line}"));
+    }
+    model
+}
 /// Every storage type: q4_k_m holds Q4_K and Q6_K, q5_k_m Q5_K.
 pub const PRESETS: [&str; 6] = ["f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"];
 

@@ -51,8 +51,14 @@ struct Sample {
     peak_rss_mb: f64,
     anon_rss_mb: f64,
     kv_mb: f64,
-    /// GB/s at which `threads` threads read the mapped model file.
+    /// GB/s at which `threads` threads read the mapped model file; on a
+    /// GPU, its peak memory bandwidth.
     read_gb_s: f64,
+    /// `cpu` or `cuda`.
+    device: String,
+    /// GPU memory in use after the run (weights, KV cache, scratch and
+    /// the driver's own), MiB; 0 on the CPU.
+    gpu_mb: f64,
 }
 
 /// (peak RSS, anonymous RSS) in MiB.
@@ -67,9 +73,11 @@ fn memory_mb() -> (f64, f64) {
 fn measure(a: &Args, threads: usize) -> Result<Sample> {
     let started = Instant::now();
     let k = super::kernel_set(a.model.kernels.as_deref())?;
-    let model = Model::load(&a.model.model, k, threads)?;
+    let mut model = Model::load(&a.model.model, k, threads)?;
+    let placed = model.place(a.model.device).map_err(anyhow::Error::msg)?;
+    eprintln!("{placed}");
     let n_ctx = a.prompt_tokens + a.gen_tokens + 1;
-    let mut session = Session::new(&model, n_ctx, a.kv_type);
+    let mut session = Session::try_new(&model, n_ctx, a.kv_type).map_err(anyhow::Error::msg)?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
 
     // A fixed pseudo-random prompt of ordinary text tokens.
@@ -91,7 +99,10 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
     }
     let decode = t.elapsed().as_secs_f64();
     let (peak, anon) = memory_mb();
-    let read_gb_s = model.read_bandwidth();
+    let read_gb_s = model
+        .device()
+        .peak_bandwidth_gbs()
+        .unwrap_or_else(|| model.read_bandwidth());
     Ok(Sample {
         threads,
         load_ms,
@@ -99,8 +110,10 @@ fn measure(a: &Args, threads: usize) -> Result<Sample> {
         decode_tok_s: a.gen_tokens as f64 / decode,
         peak_rss_mb: peak,
         anon_rss_mb: anon,
-        kv_mb: session.kv_bytes() as f64 / (1 << 20) as f64,
+        kv_mb: (session.kv_bytes() as u64 + session.engine().gpu_bytes()) as f64 / (1 << 20) as f64,
         read_gb_s,
+        device: model.device().name().to_string(),
+        gpu_mb: model.device().gpu_memory_used().unwrap_or(0) as f64 / (1 << 20) as f64,
     })
 }
 
@@ -116,7 +129,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.parallel.is_empty() {
         let threads = a.threads_list.first().copied().unwrap_or(1);
         let k = super::kernel_set(a.model.kernels.as_deref())?;
-        let model = Model::load(&a.model.model, k, threads)?;
+        let mut model = Model::load(&a.model.model, k, threads)?;
+        eprintln!(
+            "{}",
+            model.place(a.model.device).map_err(anyhow::Error::msg)?
+        );
         eprintln!(
             "model {}, kernels {}, {threads} threads",
             a.model.model.display(),
@@ -154,11 +171,12 @@ pub fn run(a: Args) -> Result<()> {
     );
     let kernels = super::kernel_set(a.model.kernels.as_deref())?;
     eprintln!(
-        "kernels {}; ceiling: decode if every weight byte streamed at the read bandwidth",
+        "kernels {}; ceiling: decode if every weight byte streamed at the read bandwidth \
+         (on a GPU: its peak memory bandwidth)",
         kernels.name()
     );
-    println!("| threads | prefill tok/s | decode tok/s | load ms | peak RSS MiB | anon RSS MiB | KV MiB | read GB/s | ceiling tok/s | decode / ceiling |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| device | threads | prefill tok/s | decode tok/s | load ms | peak RSS MiB | anon RSS MiB | KV MiB | GPU MiB | read GB/s | ceiling tok/s | decode / ceiling |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &threads in &a.threads_list {
         let mut samples = Vec::new();
         for _ in 0..a.reps {
@@ -174,6 +192,7 @@ pub fn run(a: Args) -> Result<()> {
                 .arg("--gen-tokens")
                 .arg(a.gen_tokens.to_string());
             cmd.arg("--kv-type").arg(a.kv_type.name());
+            cmd.arg("--device").arg(a.model.device.name());
             if let Some(k) = &a.model.kernels {
                 cmd.arg("--kernels").arg(k);
             }
@@ -191,13 +210,15 @@ pub fn run(a: Args) -> Result<()> {
         let file_bytes = file_mb * (1 << 20) as f64;
         let ceiling = m(|s| s.read_gb_s) * 1e9 / file_bytes;
         println!(
-            "| {threads} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} % |",
+            "| {} | {threads} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} % |",
+            samples[0].device,
             m(|s| s.prefill_tok_s),
             m(|s| s.decode_tok_s),
             m(|s| s.load_ms),
             m(|s| s.peak_rss_mb),
             m(|s| s.anon_rss_mb),
             m(|s| s.kv_mb),
+            m(|s| s.gpu_mb),
             m(|s| s.read_gb_s),
             ceiling,
             100.0 * m(|s| s.decode_tok_s) / ceiling

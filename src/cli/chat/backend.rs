@@ -220,7 +220,7 @@ impl Direct {
         if n_ctx == 0 {
             return Err("--ctx must be at least 1".into());
         }
-        let session = Session::new(&model, n_ctx, KvType::F16);
+        let session = Session::try_new(&model, n_ctx, KvType::F16)?;
         let direct = Direct {
             model,
             tok,

@@ -36,6 +36,9 @@ pub struct Args {
     /// With --model: kernel set (auto, scalar, avx2, avx512, neon, neon-dotprod).
     #[arg(long, requires = "model")]
     kernels: Option<String>,
+    /// With --model: cpu, cuda, or auto (the GPU when one is usable).
+    #[arg(long, requires = "model", default_value = "auto", value_parser = super::parse_device)]
+    device: crystald::model::DeviceChoice,
     /// With --model: context size in tokens (default: the model's).
     #[arg(long, requires = "model")]
     ctx: Option<usize>,
@@ -71,7 +74,7 @@ pub fn run(a: Args) -> i32 {
     }
     let sampling = a.reply.clone();
     let mut backend: Box<dyn Backend> = match &a.model {
-        Some(path) => match super::load(path, a.threads, a.kernels.as_deref()) {
+        Some(path) => match super::load(path, a.threads, a.kernels.as_deref(), a.device) {
             Ok((model, tok)) => match Direct::new(model, tok, a.ctx, sampling) {
                 Ok(d) => Box::new(d),
                 Err(e) => {
