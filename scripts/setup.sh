@@ -49,7 +49,8 @@ command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v openssl >/dev/null || need+=(openssl)
 # tests/http.rs runs the README's curl examples.
 command -v curl >/dev/null || need+=(curl)
-# Fuzzing: libfuzzer-sys compiles libFuzzer's C++ sources.
+# Fuzzing: libfuzzer-sys compiles libFuzzer's C++ sources; the CUDA tests build
+# their CPU stand-in for the driver (tests/cuda_emu) with it.
 command -v c++ >/dev/null || need+=(g++)
 # ARM cross builds and emulated tests (cross/): Debian's aarch64 gcc and
 # libc as linker and sysroot, qemu-user to run the tests, Rust's aarch64

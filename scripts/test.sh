@@ -9,12 +9,19 @@ scripts/setup.sh
 export CRYSTALD_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace --locked "$@"
 # The `cuda` feature on a machine without a GPU: its host-side unit tests,
-# the fallbacks and errors of --device, and the kernels compiled by the
-# NVRTC that setup.sh installs (the GPU itself: scripts/gpu-check.sh).
+# the fallbacks and errors of --device, the kernels compiled by the NVRTC
+# that setup.sh installs, and the whole GPU backend run on tests/cuda_emu
+# (a stand-in driver that executes the kernels on the CPU): the daemon and
+# the fixture comparisons on tiny-a (a real GPU: scripts/gpu-check.sh).
 CRYSTALD_NVRTC=$(echo "$PWD"/.venv/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12)
 export CRYSTALD_NVRTC
+cuda_start=$SECONDS
 cargo test --locked --features cuda --lib "$@" -- cuda:: device::
 cargo test --locked --features cuda --test device "$@"
+CRYSTALD_TEST_DEVICE=cuda-emulated CRYSTALD_TEST_FIXTURES=tiny-a CRYSTALD_TEST_KERNELS=scalar \
+    cargo test --locked --features cuda --test engine_fixtures "$@" -- \
+    f32_matches_reference f16_matches_reference q8_0_quality q4_0_quality decode_through_the_cache
+echo "test.sh: CUDA steps took $((SECONDS - cuda_start)) s"
 
 # A time-boxed fuzz pass of every parser that reads outside data (the long
 # run is `scripts/fuzz.sh 600`). A crash fails the suite.

@@ -136,3 +136,130 @@ mod nvrtc {
         assert!(e.contains("undefined_name"), "the log names the error: {e}");
     }
 }
+
+/// The GPU backend end to end on the CPU stand-in for the driver
+/// (`tests/cuda_emu`): the real kernels, host code and driver calls.
+#[cfg(feature = "cuda")]
+mod emulated {
+    use super::*;
+    use serde_json::Value;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    fn crystald() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_crystald"));
+        c.env("CRYSTALD_CUDA_DRIVER", cuda_emulator());
+        c
+    }
+
+    /// Greedy text from the GPU equals the CPU's, on an f32 and a q4_0 file.
+    #[test]
+    fn greedy_replies_on_the_gpu_equal_the_cpu() {
+        for preset in ["f32", "q4_0"] {
+            let m = converted("tiny-a", preset);
+            let run = |device: &str| {
+                let o = crystald()
+                    .args(["generate", "--device", device, "--max-tokens", "12"])
+                    .args(["--temperature", "0", "--raw", "-p", "def fibonacci(n):"])
+                    .arg("-m")
+                    .arg(&m)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{device}: {}", stderr(&o));
+                (String::from_utf8(o.stdout.clone()).unwrap(), stderr(&o))
+            };
+            let (cpu, _) = run("cpu");
+            let (gpu, said) = run("cuda");
+            assert!(
+                said.contains("device: cuda, crystald CPU emulation"),
+                "{said}"
+            );
+            assert!(!cpu.trim().is_empty(), "{preset}: the CPU replied nothing");
+            assert_eq!(gpu, cpu, "{preset}");
+        }
+    }
+
+    /// `serve --device cuda`: health reports the device and its memory, a
+    /// request is answered, and a q8_0 KV cache is refused at start-up.
+    #[test]
+    fn the_daemon_serves_from_the_gpu() {
+        let dir = temp_dir();
+        let m = converted("tiny-a", "q4_0");
+        let socket = dir.path().join("s.sock");
+        let serve = |kv: &str| {
+            crystald()
+                .args([
+                    "serve",
+                    "--device",
+                    "cuda",
+                    "--config",
+                    "/dev/null",
+                    "--threads",
+                    "1",
+                    "--ctx",
+                    "256",
+                ])
+                .args(["--kv-type", kv])
+                .arg("--model")
+                .arg(&m)
+                .arg("--socket")
+                .arg(&socket)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let refused = serve("q8_0").wait_with_output().unwrap();
+        assert!(!refused.status.success());
+        let e = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            e.contains("kv_type q8_0 is not supported on the GPU"),
+            "{e}"
+        );
+
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let _d = Kill(serve("f16"));
+        let until = Instant::now() + Duration::from_secs(60);
+        let ask = |req: &str| -> Value {
+            let s = loop {
+                match UnixStream::connect(&socket) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => panic!("daemon not serving: {e}"),
+                }
+            };
+            writeln!(&s, "{req}").unwrap();
+            let mut r = BufReader::new(s);
+            loop {
+                let mut line = String::new();
+                assert!(r.read_line(&mut line).unwrap() > 0, "connection closed");
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["event"] != "token" {
+                    return v;
+                }
+            }
+        };
+        let h = ask(r#"{"op": "health"}"#);
+        assert_eq!(
+            (&h["status"], &h["device"]),
+            (&"ok".into(), &"cuda".into()),
+            "{h}"
+        );
+        assert!(h["gpu_mib"].as_f64().unwrap() > 1.0, "{h}");
+        assert!(h["rss_mib"].as_f64().unwrap() > 1.0, "{h}");
+        let done = ask(r#"{"id": "g", "prompt": "Hello", "max_tokens": 6, "temperature": 0}"#);
+        assert_eq!(done["event"], "done", "{done}");
+        assert!(
+            done["usage"]["prompt_tokens"].as_u64().unwrap() > 1,
+            "{done}"
+        );
+    }
+}

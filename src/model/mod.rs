@@ -196,6 +196,10 @@ impl Model {
         }
         match self.open_gpu() {
             Ok(line) => Ok(line),
+            // A build without CUDA has no GPU to miss.
+            Err(_) if choice == DeviceChoice::Auto && !cfg!(feature = "cuda") => {
+                Ok("device: cpu".into())
+            }
             Err(e) if choice == DeviceChoice::Auto => {
                 Ok(format!("device: cpu (no usable GPU: {e})"))
             }
@@ -242,14 +246,17 @@ impl Model {
         &self.device
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn token_embd_loc(&self) -> TensorLoc {
         self.token_embd
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn output_norm_locs(&self) -> (TensorLoc, TensorLoc) {
         (self.output_norm_w, self.output_norm_b)
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn layer_locs(&self) -> &[Layer] {
         &self.layers
     }

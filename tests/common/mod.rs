@@ -49,9 +49,10 @@ pub fn fixtures() -> Vec<&'static str> {
     FIXTURES.into_iter().filter(|f| only.contains(f)).collect()
 }
 
-/// Loads a model on the device `CRYSTALD_TEST_DEVICE` names (default the
-/// CPU): `scripts/gpu-check.sh` runs the fixture comparisons on a GPU
-/// with it, and a GPU that cannot be used is then a failure, not a fallback.
+/// Loads a model on the device `CRYSTALD_TEST_DEVICE` names: `cpu` (the
+/// default), `cuda` (a real GPU: `scripts/gpu-check.sh`) or
+/// `cuda-emulated` (the GPU backend on [`cuda_emulator`]: `scripts/test.sh`).
+/// A GPU that cannot be used is then a failure, not a fallback.
 pub fn load_model(
     path: &Path,
     kernels: &'static dyn crystald::kernels::Kernels,
@@ -59,9 +60,15 @@ pub fn load_model(
 ) -> crystald::model::Model {
     use crystald::model::DeviceChoice;
     let mut model = crystald::model::Model::load(path, kernels, threads).unwrap();
-    let device = std::env::var("CRYSTALD_TEST_DEVICE")
-        .map(|d| d.parse::<DeviceChoice>().expect("CRYSTALD_TEST_DEVICE"))
-        .unwrap_or(DeviceChoice::Cpu);
+    let device = match std::env::var("CRYSTALD_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => DeviceChoice::Cpu,
+        Ok("cuda") => DeviceChoice::Cuda,
+        Ok("cuda-emulated") => {
+            use_cuda_emulator();
+            DeviceChoice::Cuda
+        }
+        Ok(other) => panic!("CRYSTALD_TEST_DEVICE={other}: cpu, cuda or cuda-emulated"),
+    };
     if device != DeviceChoice::Cpu {
         let line = model
             .place(DeviceChoice::Cuda)
@@ -221,4 +228,42 @@ pub fn proc_status_kb(pid: u32, field: &str) -> i64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// The stand-in CUDA driver that runs the GPU kernels on the CPU
+/// (`tests/cuda_emu/emu.cpp`), built once per test process with g++.
+pub fn cuda_emulator() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let out = dir.join("libcuda-emu.so");
+        let tmp = dir.join(format!("libcuda-emu.so.{}", std::process::id()));
+        let status = std::process::Command::new("g++")
+            .args([
+                "-std=c++17",
+                "-O2",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+                "-shared",
+                "-fPIC",
+            ])
+            .arg("-I")
+            .arg(root.join("src/cuda/kernels"))
+            .arg("-o")
+            .arg(&tmp)
+            .arg(root.join("tests/cuda_emu/emu.cpp"))
+            .status()
+            .expect("g++ (scripts/setup.sh installs it)");
+        assert!(status.success(), "building the CUDA emulator failed");
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+    .clone()
+}
+
+/// Points this process's CUDA driver lookup at [`cuda_emulator`].
+pub fn use_cuda_emulator() {
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| std::env::set_var("CRYSTALD_CUDA_DRIVER", cuda_emulator()));
 }

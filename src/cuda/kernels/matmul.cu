@@ -30,8 +30,10 @@ __device__ __forceinline__ void mm_store(float* out, int mode, float v) {
 // Reduces each token's partial sums across the warp and lane 0 stores them.
 __device__ __forceinline__ void mm_finish(float (&acc)[MM_TOKENS], int nt, int r, int rows, int t0,
                                           const float* bias, float scale, int mode, float* out) {
+    // nt is the same for the whole warp: a decode step reduces one sum.
 #pragma unroll
-    for (int t = 0; t < MM_TOKENS; t++) acc[t] = warp_sum(acc[t]);
+    for (int t = 0; t < MM_TOKENS; t++)
+        if (t < nt) acc[t] = warp_sum(acc[t]);
     if ((threadIdx.x & 31) != 0) return;
     float b = bias ? bias[r] : 0.0f;
     for (int t = 0; t < nt; t++) mm_store(out + (size_t)(t0 + t) * rows + r, mode, acc[t] * scale + b);
