@@ -180,6 +180,66 @@ mod emulated {
         }
     }
 
+    /// What `--device cuda` needs and lacks is named, and `auto` says it
+    /// stayed on the CPU for that reason: a GPU too small for the weights
+    /// (with the sizes), and no NVRTC to compile the kernels.
+    #[test]
+    fn a_gpu_too_small_or_without_nvrtc_is_named() {
+        let m = converted("tiny-a", "f32");
+        let run = |device: &str, env: (&str, &str)| {
+            crystald()
+                .env(env.0, env.1)
+                .args([
+                    "generate",
+                    "--device",
+                    device,
+                    "--max-tokens",
+                    "2",
+                    "-p",
+                    "Hi",
+                ])
+                .arg("-m")
+                .arg(&m)
+                .output()
+                .unwrap()
+        };
+        // 280 MiB (less a byte the driver stand-in gives the context): the
+        // 38 MiB of weights plus the 256 MiB headroom do not fit.
+        let small = ("CRYSTALD_EMU_GPU_BYTES", "293601280");
+        let o = run("cuda", small);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(
+            e.contains("--device cuda: not enough GPU memory for the weights: 38 MiB needed (+256 MiB headroom), 279 MiB free"),
+            "{e}"
+        );
+        // 300 MiB: the weights fit, the KV cache and scratch then do not.
+        let o = run("cuda", ("CRYSTALD_EMU_GPU_BYTES", "314572800"));
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(
+            e.contains("not enough GPU memory for the KV cache and scratch: ")
+                && e.contains(" MiB needed (+256 MiB headroom), "),
+            "{e}"
+        );
+        let o = run("auto", small);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("device: cpu (no usable GPU: not enough GPU memory"),
+            "{}",
+            stderr(&o)
+        );
+
+        let no_nvrtc = ("CRYSTALD_NVRTC", "/nonexistent/libnvrtc.so");
+        let o = run("cuda", no_nvrtc);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("--device cuda: no NVRTC (the CUDA runtime compiler)"),
+            "{}",
+            stderr(&o)
+        );
+    }
+
     /// `serve --device cuda`: health reports the device and its memory, a
     /// request is answered, and a q8_0 KV cache is refused at start-up.
     #[test]

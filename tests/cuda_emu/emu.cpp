@@ -250,7 +250,16 @@ static const Kernel KERNELS[] = {
 typedef int CUresult;
 static const CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_FOUND = 500,
                       INVALID_IMAGE = 200;
-static const size_t TOTAL = (size_t)8 << 30;
+// GPU memory: 8 GiB, or CRYSTALD_EMU_GPU_BYTES (the tests of a model that
+// does not fit).
+static size_t total_bytes() {
+    static size_t total = [] {
+        const char* v = std::getenv("CRYSTALD_EMU_GPU_BYTES");
+        return v ? (size_t)std::strtoull(v, nullptr, 10) : (size_t)8 << 30;
+    }();
+    return total;
+}
+#define TOTAL total_bytes()
 static size_t g_allocated;
 
 extern "C" {
