@@ -33,30 +33,27 @@ pub fn library_names() -> Vec<String> {
     }
 }
 
-macro_rules! driver_api {
-    ($($name:ident: fn($($arg:ty),*);)*) => {
-        /// The driver's entry points, resolved once.
+/// A struct of function pointers resolved from a dlopen'ed library by
+/// their C names, with the library kept beside them (the driver's and
+/// NVRTC's tables both).
+macro_rules! library_api {
+    ($(#[$doc:meta])* $vis:vis struct $api:ident { $($name:ident: fn($($arg:ty),*) -> $ret:ty;)* }) => {
+        $(#[$doc])*
         #[allow(non_snake_case)]
-        pub struct Driver {
-            $(pub $name: unsafe extern "C" fn($($arg),*) -> CuResult,)*
+        $vis struct $api {
+            $(pub $name: unsafe extern "C" fn($($arg),*) -> $ret,)*
             /// Keeps the library mapped while the pointers above are used.
-            _lib: Library,
+            _lib: libloading::Library,
         }
 
-        impl Driver {
-            fn open() -> Result<Driver, String> {
-                let names = library_names();
-                let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                let (lib, path) = open_first(&names).map_err(|tried| {
-                    format!("no CUDA driver: {tried} (is the NVIDIA driver installed?)")
-                })?;
+        impl $api {
+            fn resolve(lib: libloading::Library, path: &str) -> Result<$api, String> {
                 // SAFETY: each symbol is looked up by its documented name
-                // and given the signature of the CUDA driver API header;
-                // the library outlives the pointers (it is stored beside
-                // them in the same struct, which is never dropped: it lives
-                // in a static).
+                // and given the signature of its C header; the library
+                // outlives the pointers (stored beside them in a struct
+                // that lives in a static and is never dropped).
                 unsafe {
-                    Ok(Driver {
+                    Ok($api {
                         $($name: *lib
                             .get(concat!(stringify!($name), "\0").as_bytes())
                             .map_err(|e| format!("{path}: {e}"))?,)*
@@ -67,27 +64,31 @@ macro_rules! driver_api {
         }
     };
 }
+pub(crate) use library_api;
 
-driver_api! {
-    cuInit: fn(c_uint);
-    cuDriverGetVersion: fn(*mut c_int);
-    cuDeviceGetCount: fn(*mut c_int);
-    cuDeviceGet: fn(*mut CuDevice, c_int);
-    cuDeviceGetName: fn(*mut c_char, c_int, CuDevice);
-    cuDeviceGetAttribute: fn(*mut c_int, c_int, CuDevice);
-    cuDeviceTotalMem_v2: fn(*mut usize, CuDevice);
-    cuDevicePrimaryCtxRetain: fn(*mut CuContext, CuDevice);
-    cuCtxSetCurrent: fn(CuContext);
-    cuCtxSynchronize: fn();
-    cuMemGetInfo_v2: fn(*mut usize, *mut usize);
-    cuMemAlloc_v2: fn(*mut CuDevicePtr, usize);
-    cuMemFree_v2: fn(CuDevicePtr);
-    cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize);
-    cuMemcpyDtoH_v2: fn(*mut c_void, CuDevicePtr, usize);
-    cuModuleLoadData: fn(*mut CuModule, *const c_void);
-    cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char);
-    cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void);
-    cuGetErrorName: fn(CuResult, *mut *const c_char);
+library_api! {
+    /// The driver's entry points, resolved once.
+    pub struct Driver {
+    cuInit: fn(c_uint) -> CuResult;
+    cuDriverGetVersion: fn(*mut c_int) -> CuResult;
+    cuDeviceGetCount: fn(*mut c_int) -> CuResult;
+    cuDeviceGet: fn(*mut CuDevice, c_int) -> CuResult;
+    cuDeviceGetName: fn(*mut c_char, c_int, CuDevice) -> CuResult;
+    cuDeviceGetAttribute: fn(*mut c_int, c_int, CuDevice) -> CuResult;
+    cuDeviceTotalMem_v2: fn(*mut usize, CuDevice) -> CuResult;
+    cuDevicePrimaryCtxRetain: fn(*mut CuContext, CuDevice) -> CuResult;
+    cuCtxSetCurrent: fn(CuContext) -> CuResult;
+    cuCtxSynchronize: fn() -> CuResult;
+    cuMemGetInfo_v2: fn(*mut usize, *mut usize) -> CuResult;
+    cuMemAlloc_v2: fn(*mut CuDevicePtr, usize) -> CuResult;
+    cuMemFree_v2: fn(CuDevicePtr) -> CuResult;
+    cuMemcpyHtoD_v2: fn(CuDevicePtr, *const c_void, usize) -> CuResult;
+    cuMemcpyDtoH_v2: fn(*mut c_void, CuDevicePtr, usize) -> CuResult;
+    cuModuleLoadData: fn(*mut CuModule, *const c_void) -> CuResult;
+    cuModuleGetFunction: fn(*mut CuFunction, CuModule, *const c_char) -> CuResult;
+    cuLaunchKernel: fn(CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, *mut c_void, *mut *mut c_void, *mut *mut c_void) -> CuResult;
+    cuGetErrorName: fn(CuResult, *mut *const c_char) -> CuResult;
+}
 }
 
 /// Opens the first library of `names` that loads; on failure, what each
@@ -104,6 +105,17 @@ pub(crate) fn open_first(names: &[&str]) -> Result<(Library, String), String> {
         }
     }
     Err(tried.join("; "))
+}
+
+impl Driver {
+    fn open() -> Result<Driver, String> {
+        let names = library_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (lib, path) = open_first(&names).map_err(|tried| {
+            format!("no CUDA driver: {tried} (is the NVIDIA driver installed?)")
+        })?;
+        Driver::resolve(lib, &path)
+    }
 }
 
 static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();

@@ -2,8 +2,7 @@
 //! kernels are compiled to PTX for the GPU found, at start-up, so nothing
 //! is compiled for CUDA at build time.
 
-use super::driver::open_first;
-use libloading::Library;
+use super::driver::{library_api, open_first};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::OnceLock;
@@ -19,33 +18,8 @@ const SEARCH_DIRS: [&str; 4] = [
     "/usr/lib/aarch64-linux-gnu/nvidia",
 ];
 
-macro_rules! nvrtc_api {
-    ($($name:ident: fn($($arg:ty),*) -> $ret:ty;)*) => {
-        #[allow(non_snake_case)]
-        struct Nvrtc {
-            $($name: unsafe extern "C" fn($($arg),*) -> $ret,)*
-            _lib: Library,
-        }
-
-        impl Nvrtc {
-            fn from(lib: Library, path: &str) -> Result<Nvrtc, String> {
-                // SAFETY: each symbol gets the signature of nvrtc.h; the
-                // library is stored with the pointers and never dropped
-                // (it lives in a static).
-                unsafe {
-                    Ok(Nvrtc {
-                        $($name: *lib
-                            .get(concat!(stringify!($name), "\0").as_bytes())
-                            .map_err(|e| format!("{path}: {e}"))?,)*
-                        _lib: lib,
-                    })
-                }
-            }
-        }
-    };
-}
-
-nvrtc_api! {
+library_api! {
+    struct Nvrtc {
     nvrtcVersion: fn(*mut c_int, *mut c_int) -> NvrtcResult;
     nvrtcGetErrorString: fn(NvrtcResult) -> *const c_char;
     nvrtcCreateProgram: fn(*mut Program, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char) -> NvrtcResult;
@@ -55,6 +29,7 @@ nvrtc_api! {
     nvrtcGetProgramLogSize: fn(Program, *mut usize) -> NvrtcResult;
     nvrtcGetProgramLog: fn(Program, *mut c_char) -> NvrtcResult;
     nvrtcDestroyProgram: fn(*mut Program) -> NvrtcResult;
+}
 }
 
 /// The library names to try: `CRYSTALD_NVRTC` (a path) if set, the
@@ -100,7 +75,7 @@ fn nvrtc() -> Result<&'static Nvrtc, String> {
                      (install the CUDA toolkit's NVRTC, or set CRYSTALD_NVRTC to libnvrtc.so's path)"
                 )
             })?;
-            Nvrtc::from(lib, &path)
+            Nvrtc::resolve(lib, &path)
         })
         .as_ref()
         .map_err(Clone::clone)
