@@ -12,8 +12,9 @@
 # `run` (under 8 minutes on one H200 with 16 cores), from the repository root:
 # 1. the fixture comparisons of tests/engine_fixtures.rs with the model on
 #    the GPU (CRYSTALD_TEST_DEVICE=cuda): f32 relative L2 <= 1e-4 and the
-#    upstream greedy tokens, f16 <= 2e-3, q8_0 and q4_0 within the CPU's
-#    bounds, decode through the KV cache equal to a full recompute;
+#    upstream greedy tokens, f16 <= 2e-3, q8_0, q4_0, q4_k_m and q5_k_m
+#    within the CPU's bounds, decode through the KV cache equal to a full
+#    recompute;
 # 2. the 7B-shape synthetic checkpoint converted to q4_0, then
 #    `crystald bench` on the GPU (pp512 and pp64 prefill, tg128 decode, load
 #    time, GPU memory, host RSS, decode as a share of the bandwidth ceiling)
@@ -55,7 +56,7 @@ run() {
     CRYSTALD_SHARED=$PWD/$pack/shared CRYSTALD_TEST_DEVICE=cuda CRYSTALD_TEST_FIXTURES=tiny-a \
         CRYSTALD_TEST_KERNELS=scalar "$bin/engine_fixtures" --test-threads 1 --nocapture \
         f32_matches_reference f16_matches_reference q8_0_quality q4_0_quality \
-        decode_through_the_cache || echo "gpu-check: FIXTURE COMPARISON FAILED"
+        q4_k_m_quality q5_k_m_quality decode_through_the_cache || echo "gpu-check: FIXTURE COMPARISON FAILED"
     echo "fixtures took $((SECONDS - t)) s"
 
     echo "== 7B-shape q4_0 file"

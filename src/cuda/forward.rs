@@ -34,12 +34,18 @@ pub fn matmul_grid(rows: usize, n_tok: usize) -> (u32, u32) {
     )
 }
 
-/// The weight formats the GPU kernels read; the rest are named in the
-/// error that sends a model back to the CPU.
+/// The weight formats the GPU kernels read (all that crystal-quantize
+/// writes); anything else is named in the error that keeps a model on the CPU.
 pub fn supported(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::F32 | GgmlType::F16 | GgmlType::Q4_0 | GgmlType::Q8_0
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::Q4_0
+            | GgmlType::Q8_0
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
     )
 }
 
@@ -397,7 +403,9 @@ fn matmul(
         GgmlType::Q8_0 => k.matmul_q8_0,
         GgmlType::F16 => k.matmul_f16,
         GgmlType::F32 => k.matmul_f32,
-        other => unreachable!("{other} weights are refused when the model is placed"),
+        GgmlType::Q4_K => k.matmul_q4_k,
+        GgmlType::Q5_K => k.matmul_q5_k,
+        GgmlType::Q6_K => k.matmul_q6_k,
     };
     gpu.launch(
         f,

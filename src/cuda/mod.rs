@@ -186,6 +186,9 @@ pub struct Kernels {
     pub matmul_q8_0: CuFunction,
     pub matmul_f16: CuFunction,
     pub matmul_f32: CuFunction,
+    pub matmul_q4_k: CuFunction,
+    pub matmul_q5_k: CuFunction,
+    pub matmul_q6_k: CuFunction,
     pub rope_store: CuFunction,
     pub attention: CuFunction,
 }
@@ -309,6 +312,9 @@ impl Gpu {
                 matmul_q8_0: f("matmul_q8_0")?,
                 matmul_f16: f("matmul_f16")?,
                 matmul_f32: f("matmul_f32")?,
+                matmul_q4_k: f("matmul_q4_k")?,
+                matmul_q5_k: f("matmul_q5_k")?,
+                matmul_q6_k: f("matmul_q6_k")?,
                 rope_store: f("rope_store")?,
                 attention: f("attention")?,
             };

@@ -217,7 +217,7 @@ impl Model {
         let all = self.file.header.tensors.iter();
         if let Some(t) = all.clone().find(|t| !crate::cuda::forward::supported(t.ty)) {
             return Err(format!(
-                "tensor '{}' is {}: the GPU kernels read f32, f16, q4_0 and q8_0 weights",
+                "tensor '{}' is {}: the GPU kernels do not read that type",
                 t.name, t.ty
             ));
         }

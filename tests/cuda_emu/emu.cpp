@@ -222,6 +222,9 @@ T_MATMUL(matmul_q4_0)
 T_MATMUL(matmul_q8_0)
 T_MATMUL(matmul_f16)
 T_MATMUL(matmul_f32)
+T_MATMUL(matmul_q4_k)
+T_MATMUL(matmul_q5_k)
+T_MATMUL(matmul_q6_k)
 static void t_rope_store(void** params) {
     rope_store(P(0, float*), P(1, int), P(2, int), P(3, int), P(4, const float2*),
                P(5, const int*), P(6, const u32*), P(7, int), P(8, int), P(9, void*),
@@ -241,6 +244,9 @@ static const Kernel KERNELS[] = {
     {"matmul_q8_0", t_matmul_q8_0},
     {"matmul_f16", t_matmul_f16},
     {"matmul_f32", t_matmul_f32},
+    {"matmul_q4_k", t_matmul_q4_k},
+    {"matmul_q5_k", t_matmul_q5_k},
+    {"matmul_q6_k", t_matmul_q6_k},
     {"rope_store", t_rope_store},
     {"attention", t_attention},
 };

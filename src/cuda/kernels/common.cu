@@ -11,6 +11,9 @@ typedef unsigned int u32;
 #define TYPE_F16 1
 #define TYPE_Q4_0 2
 #define TYPE_Q8_0 8
+#define TYPE_Q4_K 12
+#define TYPE_Q5_K 13
+#define TYPE_Q6_K 14
 
 // Positions per KV block, as in the host's pool (kv_pool::BLOCK).
 #define KV_BLOCK 16
@@ -67,7 +70,43 @@ __device__ float block_reduce(float v, float* sh, bool is_max) {
     return sh[0];
 }
 
-// One value of a stored row, dequantized exactly as quant::dequantize_row.
+// Bytes of one k-quant super-block (256 values).
+#define Q4_K_BYTES 144
+#define Q5_K_BYTES 176
+#define Q6_K_BYTES 210
+
+// Sub-block j's 6-bit scale and minimum in a Q4_K/Q5_K super-block
+// (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Value i (0..256) of a Q4_K/Q5_K super-block as its level (0..15 / 0..31).
+__device__ __forceinline__ int level_q45_k(int type, const u8* blk, int i) {
+    int j = i / 32, l = i % 32;
+    const u8* qs = blk + (type == TYPE_Q4_K ? 16 : 48);
+    int q = (qs[(j / 2) * 32 + l] >> ((j & 1) * 4)) & 15;
+    if (type == TYPE_Q5_K) q |= ((blk[16 + l] >> j) & 1) << 4;
+    return q;
+}
+
+// Value i (0..256) of a Q6_K super-block as its level minus 32.
+__device__ __forceinline__ int level_q6_k(const u8* blk, int i) {
+    int half = i / 128, r = i % 128, quarter = r / 32, l = r % 32;
+    int ql = blk[half * 64 + (quarter % 2) * 32 + l];
+    int low = quarter < 2 ? (ql & 15) : (ql >> 4);
+    int high = (blk[128 + half * 32 + l] >> (2 * quarter)) & 3;
+    return (low | (high << 4)) - 32;
+}
+
+// One value of a stored row, dequantized exactly as quant::dequantize_row
+// (the same products in the same order, so the embedding is bit-exact).
 __device__ __forceinline__ float load_value(int type, const u8* row, int c) {
     switch (type) {
     case TYPE_F32:
@@ -81,10 +120,24 @@ __device__ __forceinline__ float load_value(int type, const u8* row, int c) {
         int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
         return (float)(q - 8) * d;
     }
-    default: {  // TYPE_Q8_0
+    case TYPE_Q8_0: {
         const u8* b = row + (c / 32) * 34;
         float d = f16_to_f32(*(const u16*)b);
         return (float)((const i8*)(b + 2))[c % 32] * d;
+    }
+    case TYPE_Q4_K:
+    case TYPE_Q5_K: {
+        const u8* b = row + (c / 256) * (type == TYPE_Q4_K ? Q4_K_BYTES : Q5_K_BYTES);
+        int sc, m;
+        scale_min_k4((c % 256) / 32, b + 4, sc, m);
+        float dj = f16_to_f32(((const u16*)b)[0]) * (float)sc;
+        float mj = f16_to_f32(((const u16*)b)[1]) * (float)m;
+        return dj * (float)level_q45_k(type, b, c % 256) - mj;
+    }
+    default: {  // TYPE_Q6_K
+        const u8* b = row + (c / 256) * Q6_K_BYTES;
+        float d = f16_to_f32((u16)(b[208] | (b[209] << 8)));
+        return d * (float)((const i8*)(b + 192))[(c % 256) / 16] * (float)level_q6_k(b, c % 256);
     }
     }
 }
@@ -94,6 +147,9 @@ __device__ __forceinline__ size_t row_bytes(int type, int cols) {
     case TYPE_F32: return (size_t)cols * 4;
     case TYPE_F16: return (size_t)cols * 2;
     case TYPE_Q4_0: return (size_t)(cols / 32) * 18;
-    default: return (size_t)(cols / 32) * 34;
+    case TYPE_Q8_0: return (size_t)(cols / 32) * 34;
+    case TYPE_Q4_K: return (size_t)(cols / 256) * Q4_K_BYTES;
+    case TYPE_Q5_K: return (size_t)(cols / 256) * Q5_K_BYTES;
+    default: return (size_t)(cols / 256) * Q6_K_BYTES;
     }
 }
