@@ -20,6 +20,9 @@
 #    time, GPU memory, host RSS, decode as a share of the bandwidth ceiling)
 #    beside the same on that machine's CPU.
 # Results go to stdout and, when $OUT is set, to $OUT/gpu-check.log.
+# GPU_CHECK_SHAPE=tiny benchmarks the tiny synthetic shape instead: a dry
+# run of the script on the CPU stand-in driver (CRYSTALD_CUDA_DRIVER, see
+# tests/cuda_emu), checking the script rather than the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pack=.gpu-check
@@ -59,16 +62,17 @@ run() {
         q4_k_m_quality q5_k_m_quality decode_through_the_cache || echo "gpu-check: FIXTURE COMPARISON FAILED"
     echo "fixtures took $((SECONDS - t)) s"
 
-    echo "== 7B-shape q4_0 file"
+    local shape=${GPU_CHECK_SHAPE:-7b}
+    echo "== $shape-shape q4_0 file"
     t=$SECONDS
     local work=/tmp/crystald-gpu-check
     mkdir -p "$work"
-    "$bin/crystal-quantize" synth --shape 7b --tokenizer "$pack/shared/crystalchat/tokenizer.json" -o "$work/synth"
-    "$bin/crystal-quantize" "$work/synth" -o "$work/7b-q4_0.gguf" --type q4_0 --force --threads "$cores"
+    "$bin/crystal-quantize" synth --shape "$shape" --tokenizer "$pack/shared/crystalchat/tokenizer.json" -o "$work/synth"
+    "$bin/crystal-quantize" "$work/synth" -o "$work/$shape-q4_0.gguf" --type q4_0 --force --threads "$cores"
     rm -rf "$work/synth"
     echo "conversion took $((SECONDS - t)) s"
 
-    local m=$work/7b-q4_0.gguf
+    local m=$work/$shape-q4_0.gguf
     echo "== GPU: pp512 + tg128, then pp64"
     "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens 512 --gen-tokens 128 --reps 1
     "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens 64 --gen-tokens 16 --reps 1
@@ -80,5 +84,5 @@ run() {
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

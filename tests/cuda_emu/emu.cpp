@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 #include <algorithm>
+#include <mutex>
 
 // ---- what CUDA C provides, for the kernel sources ----------------------
 
@@ -267,6 +268,9 @@ static size_t total_bytes() {
 }
 #define TOTAL total_bytes()
 static size_t g_allocated;
+// One launch at a time, process-wide (tests share a process across
+// threads): the scheduler's state above is global, as a GPU's one queue.
+static std::mutex g_lock;
 
 extern "C" {
 CUresult cuInit(unsigned) { return OK; }
@@ -295,11 +299,13 @@ CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &g_ctx; return OK; }
 CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxSynchronize() { return OK; }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    std::lock_guard<std::mutex> hold(g_lock);
     *free_b = TOTAL - g_allocated;
     *total = TOTAL;
     return OK;
 }
 CUresult cuMemAlloc_v2(uint64_t* p, size_t n) {
+    std::lock_guard<std::mutex> hold(g_lock);
     if (g_allocated + n > TOTAL) return OUT_OF_MEMORY;
     // The size goes in front of the allocation, for cuMemFree's count.
     char* m = (char*)std::aligned_alloc(256, 256 + ((n + 255) / 256) * 256);
@@ -310,6 +316,7 @@ CUresult cuMemAlloc_v2(uint64_t* p, size_t n) {
     return OK;
 }
 CUresult cuMemFree_v2(uint64_t p) {
+    std::lock_guard<std::mutex> hold(g_lock);
     char* m = (char*)p - 256;
     g_allocated -= *(size_t*)m;
     std::free(m);
@@ -341,6 +348,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
                         unsigned bz, unsigned, void*, void** params, void**) {
     if (gz != 1 || by != 1 || bz != 1 || bx == 0 || bx > 1024 || bx % 32 != 0)
         return INVALID_VALUE;
+    std::lock_guard<std::mutex> hold(g_lock);
     g_entry = ((const Kernel*)f)->run;
     g_params = params;
     g_block_dim = Dim3{bx, 1, 1};
