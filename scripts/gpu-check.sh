@@ -20,9 +20,10 @@
 #    time, GPU memory, host RSS, decode as a share of the bandwidth ceiling)
 #    beside the same on that machine's CPU.
 # Results go to stdout and, when $OUT is set, to $OUT/gpu-check.log.
-# GPU_CHECK_SHAPE=tiny benchmarks the tiny synthetic shape instead: a dry
-# run of the script on the CPU stand-in driver (CRYSTALD_CUDA_DRIVER, see
-# tests/cuda_emu), checking the script rather than the GPU.
+# A dry run of the script on the CPU stand-in driver (CRYSTALD_CUDA_DRIVER,
+# see tests/cuda_emu) checks the script rather than the GPU:
+# GPU_CHECK_SHAPE=tiny GPU_CHECK_PP=128 (the tiny shape's context is 256),
+# GPU_CHECK_FIXTURES=0 skips step 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pack=.gpu-check
@@ -54,13 +55,16 @@ run() {
     local cores
     cores=$(nproc)
 
-    echo "== fixtures on the GPU (tiny-a)"
     local t=$SECONDS
-    CRYSTALD_SHARED=$PWD/$pack/shared CRYSTALD_TEST_DEVICE=cuda CRYSTALD_TEST_FIXTURES=tiny-a \
-        CRYSTALD_TEST_KERNELS=scalar "$bin/engine_fixtures" --test-threads 1 --nocapture \
-        f32_matches_reference f16_matches_reference q8_0_quality q4_0_quality \
-        q4_k_m_quality q5_k_m_quality decode_through_the_cache || echo "gpu-check: FIXTURE COMPARISON FAILED"
-    echo "fixtures took $((SECONDS - t)) s"
+    if [ "${GPU_CHECK_FIXTURES:-1}" = 1 ]; then
+        echo "== fixtures on the GPU (tiny-a)"
+        CRYSTALD_SHARED=$PWD/$pack/shared CRYSTALD_TEST_DEVICE=cuda CRYSTALD_TEST_FIXTURES=tiny-a \
+            CRYSTALD_TEST_KERNELS=scalar "$bin/engine_fixtures" --test-threads 1 --nocapture \
+            f32_matches_reference f16_matches_reference q8_0_quality q4_0_quality \
+            q4_k_m_quality q5_k_m_quality decode_through_the_cache ||
+            echo "gpu-check: FIXTURE COMPARISON FAILED"
+        echo "fixtures took $((SECONDS - t)) s"
+    fi
 
     local shape=${GPU_CHECK_SHAPE:-7b}
     echo "== $shape-shape q4_0 file"
@@ -73,16 +77,20 @@ run() {
     echo "conversion took $((SECONDS - t)) s"
 
     local m=$work/$shape-q4_0.gguf
-    echo "== GPU: pp512 + tg128, then pp64"
-    "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens 512 --gen-tokens 128 --reps 1
-    "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens 64 --gen-tokens 16 --reps 1
+    local pp=${GPU_CHECK_PP:-512}
+    echo "== GPU: pp$pp + tg128, then pp64"
+    "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens "$pp" --gen-tokens 128 --reps 1 ||
+        echo "gpu-check: GPU BENCH FAILED"
+    "$bin/crystald" bench -m "$m" --device cuda --threads-list 1 --prompt-tokens 64 --gen-tokens 16 --reps 1 ||
+        echo "gpu-check: GPU BENCH FAILED"
     echo "== CPU of the same machine ($cores threads): pp64 + tg16"
-    "$bin/crystald" bench -m "$m" --device cpu --threads-list "$cores" --prompt-tokens 64 --gen-tokens 16 --reps 1
+    "$bin/crystald" bench -m "$m" --device cpu --threads-list "$cores" --prompt-tokens 64 --gen-tokens 16 --reps 1 ||
+        echo "gpu-check: CPU BENCH FAILED"
     echo "gpu-check: done in $SECONDS s"
 }
 
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
