@@ -127,10 +127,79 @@ mod emulated {
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
+    /// crystald on the emulated GPU, with an empty PTX cache of its own (a
+    /// run that must compile is never served by another run's cache).
     fn crystald() -> Command {
+        static CACHE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cache = CACHE.get_or_init(temp_dir).path().join(format!("run{n}"));
         let mut c = Command::new(env!("CARGO_BIN_EXE_crystald"));
-        c.env("CRYSTALD_CUDA_DRIVER", cuda_emulator());
+        c.env("CRYSTALD_CUDA_DRIVER", cuda_emulator())
+            .env("CRYSTALD_CACHE_DIR", cache);
         c
+    }
+
+    /// The compiled kernels are kept on disk: the next start loads them
+    /// without NVRTC, and a cache file the driver refuses is compiled again
+    /// and replaced.
+    #[test]
+    fn compiled_kernels_are_cached_and_a_bad_cache_file_is_replaced() {
+        let dir = temp_dir();
+        let cache = dir.path().join("cache");
+        let m = converted("tiny-a", "q4_0");
+        let run = |nvrtc: Option<&str>| {
+            let mut c = crystald();
+            c.env("CRYSTALD_CACHE_DIR", &cache);
+            if let Some(path) = nvrtc {
+                c.env("CRYSTALD_NVRTC", path);
+            }
+            let o = c
+                .args([
+                    "generate",
+                    "--device",
+                    "cuda",
+                    "--max-tokens",
+                    "1",
+                    "-p",
+                    "Hi",
+                    "-m",
+                ])
+                .arg(&m)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+            stderr(&o)
+        };
+        assert!(
+            run(None).contains("kernels from NVRTC 12."),
+            "first start compiles"
+        );
+        let files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let file = &files[0];
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("kernels-compute_87-") && name.ends_with(".ptx"),
+            "{name}"
+        );
+        let ptx = std::fs::read_to_string(file).unwrap();
+        assert!(ptx.contains(".entry matmul_q4_0("), "PTX in the cache");
+
+        let said = run(Some("/nonexistent/libnvrtc.so"));
+        assert!(said.contains("kernels from the PTX cache"), "{said}");
+
+        std::fs::write(file, "not PTX").unwrap();
+        assert!(
+            run(None).contains("kernels from NVRTC 12."),
+            "a refused file is recompiled"
+        );
+        assert!(std::fs::read_to_string(file)
+            .unwrap()
+            .contains(".entry matmul_q4_0("));
     }
 
     /// Greedy text from the GPU equals the CPU's (f32: the two agree to

@@ -55,14 +55,15 @@ pub struct DeviceInfo {
     /// Peak DRAM bandwidth from the memory clock and bus width, GB/s.
     pub bandwidth_gbs: f64,
     pub driver_version: i32,
-    pub nvrtc_version: (i32, i32),
+    /// Where the kernels came from: `NVRTC 12.2`, or the PTX cache.
+    pub kernels_from: String,
     pub multiprocessors: i32,
 }
 
 impl DeviceInfo {
     pub fn summary(&self) -> String {
         format!(
-            "{} (sm_{}{}, {} GiB{}, {} SMs, {:.0} GB/s, driver {}.{}, NVRTC {}.{})",
+            "{} (sm_{}{}, {} GiB{}, {} SMs, {:.0} GB/s, driver {}.{}, kernels from {})",
             self.name,
             self.compute_capability.0,
             self.compute_capability.1,
@@ -76,8 +77,7 @@ impl DeviceInfo {
             self.bandwidth_gbs,
             self.driver_version / 1000,
             self.driver_version % 1000 / 10,
-            self.nvrtc_version.0,
-            self.nvrtc_version.1,
+            self.kernels_from,
         )
     }
 }
@@ -276,7 +276,7 @@ impl Gpu {
                 total_bytes: total as u64,
                 bandwidth_gbs,
                 driver_version: version,
-                nvrtc_version: nvrtc::version()?,
+                kernels_from: String::new(),
                 multiprocessors: attr(driver::ATTR_MULTIPROCESSOR_COUNT)?,
             };
             let mut ctx: CuContext = std::ptr::null_mut();
@@ -288,13 +288,38 @@ impl Gpu {
             check(d, (d.cuCtxSetCurrent)(ctx), "cuCtxSetCurrent")?;
 
             let arch = format!("compute_{}{}", cc.0, cc.1);
-            let mut ptx = nvrtc::compile(&kernel_program(), "crystald.cu", &arch)?;
-            if ptx.last() != Some(&0) {
-                ptx.push(0);
-            }
-            let mut module: CuModule = std::ptr::null_mut();
-            check(d, (d.cuModuleLoadData)(&mut module, ptx.as_ptr().cast()), "cuModuleLoadData")
-                .map_err(|e| format!("{e} (the driver could not load NVRTC's PTX for {arch}; is NVRTC newer than the driver?)"))?;
+            let mut info = info;
+            let load = |ptx: &[u8]| -> Result<CuModule, String> {
+                let mut module: CuModule = std::ptr::null_mut();
+                check(
+                    d,
+                    (d.cuModuleLoadData)(&mut module, ptx.as_ptr().cast()),
+                    "cuModuleLoadData",
+                )?;
+                Ok(module)
+            };
+            let cached = ptx_cache_file(&arch);
+            let hit = cached
+                .as_deref()
+                .and_then(|p| std::fs::read(p).ok())
+                .and_then(|ptx| load(&nul_terminated(ptx)).ok());
+            let module = match hit {
+                Some(m) => {
+                    info.kernels_from = "the PTX cache".into();
+                    m
+                }
+                None => {
+                    let ptx = nvrtc::compile(&kernel_program(), "crystald.cu", &arch)?;
+                    let (major, minor) = nvrtc::version()?;
+                    info.kernels_from = format!("NVRTC {major}.{minor}");
+                    let ptx = nul_terminated(ptx);
+                    let m = load(&ptx).map_err(|e| format!("{e} (the driver could not load NVRTC's PTX for {arch}; is NVRTC newer than the driver?)"))?;
+                    if let Some(p) = &cached {
+                        store(p, &ptx[..ptx.len() - 1]);
+                    }
+                    m
+                }
+            };
             let f = |n: &str| -> Result<CuFunction, String> {
                 let mut func: CuFunction = std::ptr::null_mut();
                 let cname = CString::new(n).expect("kernel names have no NUL");
@@ -439,6 +464,48 @@ impl Gpu {
             )
         };
         check(self.d, r, "cuLaunchKernel")
+    }
+}
+
+/// The cached PTX of this kernel source for `arch`, if there is a cache
+/// directory: `CRYSTALD_CACHE_DIR`, systemd's `CACHE_DIRECTORY`
+/// (`CacheDirectory=` in the unit), `$XDG_CACHE_HOME/crystald` or
+/// `~/.cache/crystald`. NVRTC takes seconds on a Jetson's cores; a hit
+/// makes start-up skip it (NVRTC is then not even opened). The name holds
+/// a hash of the source, so a new crystald never loads old kernels, and a
+/// file the driver refuses is compiled again and replaced.
+pub fn ptx_cache_file(arch: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = env("CRYSTALD_CACHE_DIR")
+        .or_else(|| env("CACHE_DIRECTORY"))
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("crystald")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/crystald")))?;
+    let hash = xxhash_rust::xxh3::xxh3_64(kernel_program().as_bytes());
+    Some(dir.join(format!("kernels-{arch}-{hash:016x}.ptx")))
+}
+
+fn nul_terminated(mut ptx: Vec<u8>) -> Vec<u8> {
+    if ptx.last() != Some(&0) {
+        ptx.push(0);
+    }
+    ptx
+}
+
+/// Writes the cache file whole (a temporary file renamed into place) or not
+/// at all: a cache that cannot be written only costs the next start-up.
+fn store(path: &std::path::Path, ptx: &[u8]) {
+    let Some(dir) = path.parent() else { return };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&tmp, ptx))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
 }
 
