@@ -5,7 +5,7 @@
 #   scripts/gpu-check.sh run       # on the GPU machine: needs nothing else
 #
 # `prepare` builds crystald and crystal-quantize (release, --features cuda)
-# and the engine_fixtures test binary, and copies them with the tiny-a
+# and the engine_fixtures test binary, all against glibc 2.31, and copies them with the tiny-a
 # fixture and the tokenizer into .gpu-check/ (about 60 MB; ignored by git,
 # listed in .git/info/exclude), which is all `run` reads.
 #
@@ -32,10 +32,16 @@ prepare() {
     grep -qx "/$pack/" .git/info/exclude 2>/dev/null || echo "/$pack/" >>.git/info/exclude
     rm -rf "$pack"
     mkdir -p "$pack/bin" "$pack/shared/fixtures" "$pack/shared/crystalchat"
-    cargo build --release --locked -p crystald -p crystal-quantize --bins --features crystald/cuda
-    cp target/release/crystald target/release/crystal-quantize "$pack/bin/"
+    # Linked against glibc 2.31 like the release binaries (cross/zig.sh):
+    # the GPU machine's OS may be older than this one's.
+    target=x86_64-unknown-linux-gnu
+    # shellcheck source=cross/zig.sh
+    . cross/zig.sh
+    zig_cargo build --release --locked -p crystald -p crystal-quantize --bins --features crystald/cuda
+    cp "target/$target/release/crystald" "target/$target/release/crystal-quantize" "$pack/bin/"
     local test_bin
-    test_bin=$(cargo test --locked --features cuda --test engine_fixtures --no-run --message-format=json 2>/dev/null |
+    test_bin=$(zig_cargo test --release --locked -p crystald --features cuda --test engine_fixtures \
+        --no-run --message-format=json 2>/dev/null |
         sed -n 's/.*"executable":"\([^"]*engine_fixtures[^"]*\)".*/\1/p' | tail -1)
     [ -x "$test_bin" ] || { echo "gpu-check: engine_fixtures test binary not found" >&2; exit 1; }
     cp "$test_bin" "$pack/bin/engine_fixtures"
