@@ -848,7 +848,18 @@ impl<'a> Batcher<'a> {
         for mut job in queued {
             job.finish(Event::error(ErrorCode::Internal, why));
         }
-        for mut a in self.active.drain(..).chain(self.preempted.drain(..)) {
+        self.fail_in_flight(why);
+    }
+
+    /// Every running or preempted request that has not been answered gets
+    /// an `internal` error saying `why`, and leaves the worker.
+    fn fail_in_flight(&mut self, why: &str) {
+        let all: Vec<Active<'a>> = self
+            .active
+            .drain(..)
+            .chain(self.preempted.drain(..))
+            .collect();
+        for mut a in all {
             if !a.job.answered {
                 a.job.finish(Event::error(ErrorCode::Internal, why));
             }
@@ -860,20 +871,7 @@ impl<'a> Batcher<'a> {
     /// starts afresh.
     fn recover(&mut self) {
         log_error!("a step panicked; its requests fail and the KV pool is reset");
-        let all: Vec<Active<'a>> = self
-            .active
-            .drain(..)
-            .chain(self.preempted.drain(..))
-            .collect();
-        for mut a in all {
-            if !a.job.answered {
-                a.job.finish(Event::error(
-                    ErrorCode::Internal,
-                    "the request failed inside the daemon",
-                ));
-            }
-            self.shared.forget(a.job.ticket);
-        }
+        self.fail_in_flight("the request failed inside the daemon");
         let pool = self.engine.pool();
         let (n_ctx, tokens, ty) = (self.engine.n_ctx(), pool.capacity(), pool.kv_type());
         self.engine = Engine::new(self.model, n_ctx, tokens, ty)
