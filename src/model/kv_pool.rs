@@ -172,7 +172,8 @@ impl Store {
     }
 }
 
-fn page_size() -> usize {
+/// The system's page size (4 KiB on most, 16 or 64 KiB on some arm64 kernels).
+pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
     usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)

@@ -108,7 +108,8 @@ pub fn read_bandwidth(map: &Mmap, pool: &rayon::ThreadPool) -> f64 {
 /// the pages are clean, a failure only leaves them cached.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn evict(map: &Mmap, range: std::ops::Range<usize>) {
-    let page = 4096;
+    // madvise takes page-aligned addresses; arm64 kernels may use 64 KiB pages.
+    let page = super::kv_pool::page_size();
     let start = range.start / page * page;
     let end = range.end.min(map.len());
     if start >= end {
