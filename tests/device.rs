@@ -286,14 +286,13 @@ mod emulated {
                 .output()
                 .unwrap()
         };
-        // 280 MiB (less a byte the driver stand-in gives the context): the
-        // 38 MiB of weights plus the 256 MiB headroom do not fit.
+        // 280 MiB: the 38 MiB of weights plus the 256 MiB headroom do not fit.
         let small = ("CRYSTALD_EMU_GPU_BYTES", "293601280");
         let o = run("cuda", small);
         assert!(!o.status.success());
         let e = stderr(&o);
         assert!(
-            e.contains("--device cuda: not enough GPU memory for the weights: 38 MiB needed (+256 MiB headroom), 279 MiB free"),
+            e.contains("--device cuda: not enough GPU memory for the weights: 38 MiB needed (+256 MiB headroom), 280 MiB free"),
             "{e}"
         );
         // 300 MiB: the weights fit, the KV cache and scratch then do not.

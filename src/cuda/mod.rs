@@ -213,9 +213,16 @@ unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 impl Gpu {
-    /// Opens GPU 0, compiles the kernels and makes the context current on
-    /// this thread. Every failure names what is missing.
-    pub fn open() -> Result<Gpu, String> {
+    /// Opens GPU 0, compiles the kernels, makes the context current on
+    /// this thread and uploads `weights` (the file's tensor data, which
+    /// starts at file offset `start`) in [`UPLOAD_CHUNK`]-byte pieces,
+    /// calling `done(file range)` after each so the caller can drop those
+    /// file pages at once. Every failure names what is missing.
+    pub fn open(
+        weights: &[u8],
+        start: usize,
+        done: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Gpu, String> {
         let d = driver::driver()?;
         let mut count = 0;
         // SAFETY (this block's calls): out-pointers to live locals; the
@@ -343,14 +350,15 @@ impl Gpu {
                 rope_store: f("rope_store")?,
                 attention: f("attention")?,
             };
+            let weights = upload_weights(d, weights, start, done)?;
             Ok(Gpu {
                 info,
                 d,
                 ctx,
                 _module: module,
                 kernels,
-                weights: DevBuf::new(d, 0)?,
-                data_start: 0,
+                weights,
+                data_start: start,
             })
         }
     }
@@ -383,37 +391,7 @@ impl Gpu {
     /// (free, total) bytes of GPU memory.
     pub fn memory(&self) -> Result<(u64, u64), String> {
         self.make_current()?;
-        let (mut free, mut total) = (0, 0);
-        // SAFETY: two out-pointers to live locals.
-        check(
-            self.d,
-            unsafe { (self.d.cuMemGetInfo_v2)(&mut free, &mut total) },
-            "cuMemGetInfo",
-        )?;
-        Ok((free as u64, total as u64))
-    }
-
-    /// Copies `data` (the file's tensor data, which starts at file offset
-    /// `start`) to the GPU in `chunk`-byte pieces, calling `done(range)`
-    /// after each so the caller can drop those file pages at once.
-    pub fn upload_weights(
-        &mut self,
-        data: &[u8],
-        start: usize,
-        chunk: usize,
-        mut done: impl FnMut(std::ops::Range<usize>),
-    ) -> Result<(), String> {
-        self.make_current()?;
-        let (free, _) = self.memory()?;
-        check_fits("the weights", data.len() as u64, free)?;
-        let buf = DevBuf::new(self.d, data.len())?;
-        for (at, piece) in upload_plan(data.len(), chunk) {
-            buf.upload(at, &data[at..at + piece])?;
-            done(start + at..start + at + piece);
-        }
-        self.weights = buf;
-        self.data_start = start;
-        Ok(())
+        memory(self.d)
     }
 
     /// Device address of the tensor at file offset `offset`.
@@ -507,6 +485,39 @@ fn store(path: &std::path::Path, ptx: &[u8]) {
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
+}
+
+/// (free, total) bytes of the current context's GPU memory.
+fn memory(d: &Driver) -> Result<(u64, u64), String> {
+    let (mut free, mut total) = (0, 0);
+    // SAFETY: two out-pointers to live locals.
+    check(
+        d,
+        unsafe { (d.cuMemGetInfo_v2)(&mut free, &mut total) },
+        "cuMemGetInfo",
+    )?;
+    Ok((free as u64, total as u64))
+}
+
+/// Bytes per copy of the weights upload: the file pages behind each piece
+/// are dropped before the next is read.
+pub const UPLOAD_CHUNK: usize = 64 << 20;
+
+/// The weights' one allocation, filled piece by piece (see [`Gpu::open`]).
+fn upload_weights(
+    d: &'static Driver,
+    data: &[u8],
+    start: usize,
+    mut done: impl FnMut(std::ops::Range<usize>),
+) -> Result<DevBuf, String> {
+    let (free, _) = memory(d)?;
+    check_fits("the weights", data.len() as u64, free)?;
+    let buf = DevBuf::new(d, data.len())?;
+    for (at, piece) in upload_plan(data.len(), UPLOAD_CHUNK) {
+        buf.upload(at, &data[at..at + piece])?;
+        done(start + at..start + at + piece);
+    }
+    Ok(buf)
 }
 
 /// Pieces `(offset, bytes)` that copy `total` bytes, at most `chunk` each.

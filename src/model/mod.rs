@@ -226,13 +226,10 @@ impl Model {
             .map(|t| (t.offset + t.n_bytes) as usize)
             .max()
             .unwrap_or(0);
-        let mut gpu = crate::cuda::Gpu::open()?;
         let map = self.file.map();
         // The file's pages are dropped as soon as they are on the GPU, so
         // a board whose CPU and GPU share DRAM never holds the model twice.
-        gpu.upload_weights(&map[start..end], start, 64 << 20, |r| {
-            residency::evict(map, r)
-        })?;
+        let gpu = crate::cuda::Gpu::open(&map[start..end], start, |r| residency::evict(map, r))?;
         let line = format!(
             "device: cuda, {} ({} MiB of weights on the GPU)",
             gpu.info.summary(),
