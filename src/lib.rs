@@ -5,6 +5,8 @@
 //! - [`gguf`]: the model file format, reader and writer.
 //! - [`model_file`]: the CrystalCoder conventions inside a GGUF file
 //!   (metadata keys, tensor names), shared by the quantizer and the engine.
+//! - [`ops`]: the forward pass's normalisation and element-wise math, shared
+//!   by the engine and the quantizer's calibration pass.
 //!
 //! With the `runtime` feature (default), the engine and daemon on top.
 
@@ -27,6 +29,7 @@ pub mod kernels;
 #[cfg(feature = "runtime")]
 pub mod model;
 pub mod npy;
+pub mod ops;
 pub mod procfs;
 #[cfg(feature = "runtime")]
 pub mod sampling;

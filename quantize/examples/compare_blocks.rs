@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             .chunks_exact(cols)
             .zip(theirs.chunks_exact(row_bytes))
         {
-            quant::quantize_row(t.ty, x, &mut ours);
+            quant::quantize_row(t.ty, x, None, &mut ours);
             for (a, b) in ours
                 .chunks_exact(t.ty.type_size())
                 .zip(theirs.chunks_exact(t.ty.type_size()))

@@ -1,6 +1,7 @@
 //! The conversion pipeline: HF checkpoint in, one GGUF file out, tensor by
 //! tensor so that peak memory is about the largest tensor, not the model.
 
+use crate::calibrate;
 use crate::checkpoint::{self, Checkpoint, DType, TensorRef};
 use crate::hf_config;
 use anyhow::{bail, Context, Result};
@@ -136,6 +137,15 @@ pub struct Options {
     pub preset: Preset,
     pub force: bool,
     pub threads: usize,
+    /// Importance-weighted rounding from a calibration pass (`calibrate`).
+    pub calibration: Option<CalibrationInput>,
+}
+
+/// `--calibrate FILE` and how much of it to run.
+#[derive(Clone, Debug)]
+pub struct CalibrationInput {
+    pub path: PathBuf,
+    pub max_tokens: usize,
 }
 
 /// Progress callbacks; the binary draws a bar or prints lines.
@@ -143,6 +153,8 @@ pub trait Progress {
     fn start(&mut self, total_bytes: u64, n_tensors: usize);
     fn tensor_done(&mut self, name: &str, ty: GgmlType, input_bytes_done: u64);
     fn finish(&mut self);
+    /// A stage before the tensors (calibration), for a line of output.
+    fn note(&mut self, _msg: &str) {}
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +167,8 @@ pub struct Summary {
     pub checksum: u64,
     pub input_bytes: u64,
     pub elapsed: Duration,
+    /// Calibration tokens run, when calibrated.
+    pub calibration_tokens: Option<usize>,
 }
 
 impl Summary {
@@ -271,6 +285,17 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
             .with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
         check_tensor(&t, d)?;
     }
+    let calibration = match &opts.calibration {
+        Some(c) => Some(run_calibration(
+            c,
+            &ckpt,
+            &hp,
+            &descs,
+            opts.threads,
+            progress,
+        )?),
+        None => None,
+    };
     let embd = ckpt.get("transformer.wte.weight").expect("checked above");
     let lm_head = ckpt.get("lm_head.weight");
     if let Some(h) = &lm_head {
@@ -302,6 +327,22 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
         (keys::FILE_TYPE.into(), Value::U32(opts.preset.file_type())),
         (keys::QUANT_VERSION.into(), Value::U32(2)),
     ];
+    if let (Some(c), Some(input)) = (&calibration, &opts.calibration) {
+        // llama.cpp's keys for the same provenance.
+        let file = input.path.file_name().unwrap_or_default();
+        metadata.push((
+            "quantize.imatrix.file".into(),
+            Value::String(file.to_string_lossy().into_owned()),
+        ));
+        metadata.push((
+            "quantize.imatrix.entries_count".into(),
+            Value::I32(c.importance.len() as i32),
+        ));
+        metadata.push((
+            "quantize.imatrix.chunks_count".into(),
+            Value::I32(c.chunks as i32),
+        ));
+    }
     metadata.extend(hp.to_metadata());
     metadata.push((keys::TOKENIZER_JSON.into(), Value::String(tokenizer_json)));
     metadata.extend(special.to_metadata());
@@ -326,6 +367,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
 
     let mut summary = Summary {
         input_bytes,
+        calibration_tokens: calibration.as_ref().map(|c| c.tokens),
         ..Summary::default()
     };
     let mut done_in = 0u64;
@@ -349,7 +391,15 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
         }
         ckpt.release(&t);
         let rows = lay_out(d, &src, &mut laid_out, opts.threads);
-        encode_rows(spec.ty, rows, spec.dims[0] as usize, &mut out, opts.threads);
+        let importance = calibration.as_ref().and_then(|c| c.importance(&d.name));
+        encode_rows(
+            spec.ty,
+            rows,
+            spec.dims[0] as usize,
+            importance,
+            &mut out,
+            opts.threads,
+        );
         w.write_data(&out).map_err(out_err)?;
         done_in += t.bytes.len() as u64;
         *summary.tensors_by_type.entry(spec.ty.name()).or_default() += 1;
@@ -381,6 +431,55 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
     progress.finish();
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// Reads the calibration file and runs the pass, with a line per block.
+fn run_calibration(
+    input: &CalibrationInput,
+    ckpt: &Checkpoint,
+    hp: &model_file::Hparams,
+    descs: &[TensorDesc],
+    threads: usize,
+    progress: &mut dyn Progress,
+) -> Result<calibrate::Calibration> {
+    let chunk_len = hp.context_length.min(calibrate::MAX_CHUNK);
+    let chunks =
+        calibrate::read_token_file(&input.path, hp.vocab_size, chunk_len, input.max_tokens)?;
+    let tokens: usize = chunks.iter().map(Vec::len).sum();
+    progress.note(&format!(
+        "calibrating on {tokens} tokens ({} chunks) of {}",
+        chunks.len(),
+        input.path.display()
+    ));
+    let started = Instant::now();
+    let n_layer = hp.n_layer;
+    let c = calibrate::calibrate(ckpt, hp, descs, &chunks, threads, &mut |l| {
+        progress.note(&format!(
+            "calibration: block {}/{n_layer} ({:.0}s)",
+            l + 1,
+            started.elapsed().as_secs_f64()
+        ))
+    })
+    .context("calibration pass")?;
+    Ok(c)
+}
+
+/// One checkpoint tensor as f32 in file layout (transposed, padded),
+/// checked finite; its file pages are released after reading.
+pub(crate) fn read_laid_out(ckpt: &Checkpoint, d: &TensorDesc, threads: usize) -> Result<Vec<f32>> {
+    let t = ckpt
+        .get(&d.hf_name)
+        .with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
+    let mut src = Vec::new();
+    checkpoint::to_f32(&t, &mut src).with_context(|| format!("reading tensor '{}'", d.hf_name))?;
+    check_finite(&d.hf_name, &src)?;
+    ckpt.release(&t);
+    let mut scratch = Vec::new();
+    let in_place = std::ptr::eq(
+        lay_out(d, &src, &mut scratch, threads).as_ptr(),
+        src.as_ptr(),
+    );
+    Ok(if in_place { src } else { scratch })
 }
 
 fn model_name(dir: &Path) -> String {
@@ -509,8 +608,16 @@ fn transpose_into(
     });
 }
 
-/// Encodes rows of `cols` values into `out`, splitting rows across threads.
-fn encode_rows(ty: GgmlType, values: &[f32], cols: usize, out: &mut Vec<u8>, threads: usize) {
+/// Encodes rows of `cols` values into `out`, splitting rows across threads;
+/// `importance` (per column) weights the rounding of every row.
+fn encode_rows(
+    ty: GgmlType,
+    values: &[f32],
+    cols: usize,
+    importance: Option<&[f32]>,
+    out: &mut Vec<u8>,
+    threads: usize,
+) {
     let row_bytes = ty
         .row_bytes(cols)
         .expect("file shapes are padded to whole blocks");
@@ -525,7 +632,7 @@ fn encode_rows(ty: GgmlType, values: &[f32], cols: usize, out: &mut Vec<u8>, thr
         {
             s.spawn(move || {
                 for (x, y) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(row_bytes)) {
-                    quant::quantize_row(ty, x, y);
+                    quant::quantize_row(ty, x, importance, y);
                 }
             });
         }

@@ -46,6 +46,17 @@ struct ConvertArgs {
     /// Worker threads for quantization (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Importance-weighted rounding: run the checkpoint over these token
+    /// sequences first (JSON lines, each an array of token ids as
+    /// `crystald tokenize` prints, or {"token_ids": [...]}) and round each
+    /// matrix to minimise the error weighted by its inputs' energy. Applies
+    /// to q4_0 and the k-quants (README "Calibration").
+    #[arg(long, value_name = "FILE")]
+    calibrate: Option<PathBuf>,
+    /// Tokens of the calibration file to run (the pass costs about this
+    /// many tokens of f32 prefill).
+    #[arg(long, value_name = "N", default_value_t = crystal_quantize::calibrate::DEFAULT_TOKENS, requires = "calibrate", value_parser = parse_positive)]
+    calibrate_tokens: usize,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +97,13 @@ enum FormatArg {
     BinF32,
 }
 
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{s}' is not a positive number of tokens")),
+    }
+}
+
 fn parse_preset(s: &str) -> Result<Preset, String> {
     Preset::parse(s).ok_or_else(|| {
         let names: Vec<_> = Preset::ALL.iter().map(|p| p.name()).collect();
@@ -120,6 +138,13 @@ impl Progress for Reporter {
     fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
+        }
+    }
+    fn note(&mut self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(msg.to_string()),
+            None if self.plain => eprintln!("{msg}"),
+            None => {}
         }
     }
 }
@@ -157,6 +182,10 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         preset: a.preset,
         force: a.force,
         threads,
+        calibration: a.calibrate.map(|path| convert::CalibrationInput {
+            path,
+            max_tokens: a.calibrate_tokens,
+        }),
     };
     let mut rep = reporter(a.quiet);
     let s = convert::convert(&opts, &mut rep)?;
@@ -167,12 +196,13 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             .map(|(t, n)| format!("{n} {t}"))
             .collect();
         eprintln!(
-            "wrote {}: {} tensors ({}), {:.2} bits/weight over {:.2}B weights, {:.2} GiB, xxh3 {:016x}, in {:.1}s ({:.2} GB/s input), peak RSS {}",
+            "wrote {}: {} tensors ({}), {:.2} bits/weight over {:.2}B weights{}, {:.2} GiB, xxh3 {:016x}, in {:.1}s ({:.2} GB/s input), peak RSS {}",
             opts.output.display(),
             s.tensors_by_type.values().sum::<usize>(),
             types.join(", "),
             s.bits_per_weight(),
             s.params as f64 / 1e9,
+            s.calibration_tokens.map_or(String::new(), |n| format!(", calibrated on {n} tokens")),
             s.output_bytes as f64 / (1u64 << 30) as f64,
             s.checksum,
             s.elapsed.as_secs_f64(),

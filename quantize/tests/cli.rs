@@ -377,3 +377,135 @@ fn sigkill_mid_write_leaves_no_valid_output() {
     assert_eq!(left, vec![std::ffi::OsString::from("model.gguf")]);
     crystald::gguf::Gguf::open(&target).unwrap();
 }
+
+/// `--calibrate`: a good file (both line formats) is run and recorded in
+/// the output's metadata; every bad one is refused by name, line and
+/// reason, with nothing left behind.
+#[test]
+fn calibration_file_is_checked_and_recorded() {
+    let src = tempfile::tempdir().unwrap();
+    synth_checkpoint(src.path(), SynthFormat::SafetensorsBf16);
+    let data = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = data.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let run = |calib: &Path, extra: &[&str], out: &Path| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            src.path().as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            "q4_k_m".as_ref(),
+            "--calibrate".as_ref(),
+            calib.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        quantize(&args)
+    };
+
+    let good = file(
+        "good.jsonl",
+        "[1, 415, 2936, 9060, 285]\n\n{\"token_ids\": [1, 29871, 13, 4013, 338, 263]}\n",
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("m.gguf");
+    let r = run(&good, &[], &out);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("calibrated on 11 tokens"), "{err}");
+    let g = crystald::gguf::Gguf::open(&out).unwrap();
+    assert_eq!(
+        g.header
+            .get("quantize.imatrix.file")
+            .and_then(|v| v.as_str()),
+        Some("good.jsonl")
+    );
+    assert_eq!(
+        g.header
+            .get("quantize.imatrix.chunks_count")
+            .and_then(|v| v.as_u64()),
+        Some(2)
+    );
+    // The token budget cuts the file.
+    let r = run(&good, &["--calibrate-tokens", "3", "--force"], &out);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        r.status.success() && err.contains("calibrated on 3 tokens"),
+        "{err}"
+    );
+
+    let cases: [(&str, &str, &[&str]); 6] = [
+        ("empty.jsonl", "\n\n", &["holds no token ids"]),
+        (
+            "text.jsonl",
+            "[1, 2]\nhello world\n",
+            &["line 2", "not JSON"],
+        ),
+        (
+            "vocab.jsonl",
+            "[1, 2, 99999]\n",
+            &["line 1", "token id 99999", "vocabulary"],
+        ),
+        (
+            "negative.jsonl",
+            "[1, -3]\n",
+            &["line 1", "position 1", "not a token id"],
+        ),
+        (
+            "object.jsonl",
+            "{\"ids\": [1, 2]}\n",
+            &["line 1", "token_ids"],
+        ),
+        ("scalar.jsonl", "42\n", &["line 1", "expected a JSON array"]),
+    ];
+    for (name, text, needles) in cases {
+        let p = file(name, text);
+        let out_dir = tempfile::tempdir().unwrap();
+        let r = run(&p, &[], &out_dir.path().join("m.gguf"));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{name} was accepted");
+        for n in needles.iter().chain(&[name]) {
+            assert!(err.contains(n), "{name}: error should mention '{n}': {err}");
+        }
+        assert_eq!(
+            std::fs::read_dir(out_dir.path()).unwrap().count(),
+            0,
+            "{name}: output left behind"
+        );
+    }
+    let out_dir = tempfile::tempdir().unwrap();
+    let r = run(
+        &data.path().join("missing.jsonl"),
+        &[],
+        &out_dir.path().join("m.gguf"),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("cannot open the calibration file"),
+        "{err}"
+    );
+    let r = run(
+        &good,
+        &["--calibrate-tokens", "0"],
+        &out_dir.path().join("m.gguf"),
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && err.contains("not a positive number"),
+        "{err}"
+    );
+    let r = quantize(&[
+        src.path().as_os_str(),
+        "-o".as_ref(),
+        out_dir.path().join("m.gguf").as_os_str(),
+        "--calibrate-tokens".as_ref(),
+        "5".as_ref(),
+    ]);
+    assert!(
+        !r.status.success(),
+        "--calibrate-tokens without --calibrate was accepted"
+    );
+    assert_eq!(std::fs::read_dir(out_dir.path()).unwrap().count(), 0);
+}

@@ -22,9 +22,9 @@
 //! engine with a single sequence, for the command line.
 
 use super::kv_pool::{KvPool, KvSlice, KvType, Sequence, BLOCK};
-use super::ops;
 use super::{EngineError, Model, TensorLoc};
 use crate::kernels::{ActType, Acts, PackBuf, Packed, Weight};
+use crate::ops;
 use crate::quant::{self, BlockQ8K, BlockQ8_0, QK, QK_K};
 use rayon::prelude::*;
 

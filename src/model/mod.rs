@@ -8,7 +8,6 @@
 pub mod forward;
 pub mod kv_pool;
 pub mod mapping_guard;
-pub mod ops;
 pub mod residency;
 
 pub use forward::{Engine, Logits, Session, Step};

@@ -113,12 +113,17 @@ pub fn make_qkx2(
     (scale, -min)
 }
 
-/// ggml's `make_qx_quants` with `rmse_type = 1` and no importance weights
-/// (weights `x²`): symmetric levels `l` in `-nmax..nmax` stored as `l + nmax`,
-/// trying 18 scales around `nmax / max` and keeping the one that maximises
-/// `(Σ w x l)² / Σ w l²` (the least-squares fit). Returns the scale.
-pub fn make_qx(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+/// ggml's `make_qx_quants` with `rmse_type = 1`: symmetric levels `l` in
+/// `-nmax..nmax` stored as `l + nmax`, trying 18 scales around `nmax / max`
+/// and keeping the one that maximises `(Σ w x l)² / Σ w l²` (the weighted
+/// least-squares fit). Without importance weights `w = x²` (the
+/// reference); with them, the caller's `weights`. Returns the scale.
+pub fn make_qx(x: &[f32], nmax: i32, l: &mut [i8], weights: Option<&[f32]>) -> f32 {
     let n = x.len();
+    let w = |i: usize| match weights {
+        Some(w) => w[i],
+        None => x[i] * x[i],
+    };
     let (mut max, mut amax) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {
@@ -136,7 +141,7 @@ pub fn make_qx(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
     for i in 0..n {
         let q = level(iscale, x[i]);
         l[i] = (q + nmax) as i8;
-        let (w, q) = (x[i] * x[i], q as f32);
+        let (w, q) = (w(i), q as f32);
         sumlx += w * x[i] * q;
         suml2 += w * q * q;
     }
@@ -149,9 +154,9 @@ pub fn make_qx(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = level(iscale, v) as f32;
-            let w = v * v;
+            let w = w(i);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }
@@ -164,6 +169,19 @@ pub fn make_qx(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
         }
     }
     scale
+}
+
+/// Per-value weights for importance-weighted rounding: the column's
+/// activation energy times `sqrt(σ² + x²)`, σ² the group's mean square.
+/// The energy says how much an error in this column moves the matrix's
+/// output on real inputs; the magnitude factor keeps the reference's
+/// preference for getting large weights right, which the energy alone
+/// (a per-column, not per-value, quantity) cannot express.
+pub fn importance_weights(x: &[f32], importance: &[f32], out: &mut [f32]) {
+    let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    for ((o, &v), &imp) in out.iter_mut().zip(x).zip(importance) {
+        *o = imp * (sigma2 + v * v).sqrt();
+    }
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum from the 12 packed bytes of a
@@ -225,29 +243,44 @@ pub fn pack_scale_min_k4(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
 }
 
 /// The shared first half of Q4_K and Q5_K quantization: each 32-value
-/// sub-block's scale and minimum by [`make_qkx2`] (weights
-/// `rms(x) + |x|`), both quantized to 6 bits against the super-block's
-/// largest, then every value's level recomputed against the rounded
-/// scales. Returns `(d, dmin, packed scales, levels 0..=nmax)`.
+/// sub-block's scale and minimum by [`make_qkx2`], both quantized to 6 bits
+/// against the super-block's largest, then every value's level recomputed
+/// against the rounded scales. Returns `(d, dmin, packed scales, levels
+/// 0..=nmax)`.
+///
+/// Without `importance` this is ggml's reference quantizer (weights
+/// `rms(x) + |x|`, the caller's `rmin`/`nstep` in steps of 0.1). With it
+/// (one value per column of `x`, from calibration), the weights are
+/// [`importance_weights`] and the search is twice as fine.
 pub fn quantize_scale_min_super(
     x: &[f32],
     nmax: i32,
     rmin: f32,
     nstep: i32,
+    importance: Option<&[f32]>,
 ) -> (u16, u16, [u8; 12], [u8; QK_K]) {
     use half::f16;
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    let mut all_weights = [0.0f32; QK_K];
+    if let Some(imp) = importance {
+        importance_weights(x, imp, &mut all_weights);
+    }
     let mut weights = [0.0f32; 32];
     for j in 0..8 {
         let xs = &x[32 * j..32 * (j + 1)];
-        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, v) in weights.iter_mut().zip(xs) {
-            *w = av_x + v.abs();
-        }
-        let (s, m) = make_qkx2(xs, nmax, &weights, &mut l[32 * j..], rmin, 0.1, nstep);
+        let (s, m) = if importance.is_some() {
+            let w = &all_weights[32 * j..32 * (j + 1)];
+            make_qkx2(xs, nmax, w, &mut l[32 * j..], rmin, 0.05, 2 * nstep)
+        } else {
+            let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
+            let av_x = (sum_x2 / 32.0).sqrt();
+            for (w, v) in weights.iter_mut().zip(xs) {
+                *w = av_x + v.abs();
+            }
+            make_qkx2(xs, nmax, &weights, &mut l[32 * j..], rmin, 0.1, nstep)
+        };
         scales[j] = s;
         mins[j] = m;
         if s > max_scale {
@@ -270,9 +303,42 @@ pub fn quantize_scale_min_super(
         ls[j] = nearest_int(inv_scale * scales[j]).min(63) as u8;
         lm[j] = nearest_int(inv_min * mins[j]).min(63) as u8;
     }
-    let packed = pack_scale_min_k4(&ls, &lm);
     let d = f16::from_f32(max_scale / 63.0);
     let dmin = f16::from_f32(max_min / 63.0);
+    if importance.is_some() {
+        // Rounding the scales to 6 bits moved each sub-block off its
+        // optimum: try the neighbouring 6-bit scale and minimum too, and
+        // keep the pair with the least weighted error.
+        let (df, dminf) = (d.to_f32(), dmin.to_f32());
+        for j in 0..8 {
+            let (xs, w) = (&x[32 * j..32 * (j + 1)], &all_weights[32 * j..32 * (j + 1)]);
+            let err = |s: u8, m: u8| {
+                let (dj, dm) = (df * s as f32, dminf * m as f32);
+                let mut e = 0.0f32;
+                for (&v, &w) in xs.iter().zip(w) {
+                    let q = if dj == 0.0 {
+                        0
+                    } else {
+                        nearest_int((v + dm) / dj).clamp(0, nmax)
+                    };
+                    let diff = dj * q as f32 - dm - v;
+                    e += w * diff * diff;
+                }
+                e
+            };
+            let mut best = (err(ls[j], lm[j]), ls[j], lm[j]);
+            for s in ls[j].saturating_sub(1)..=(ls[j] + 1).min(63) {
+                for m in lm[j].saturating_sub(1)..=(lm[j] + 1).min(63) {
+                    let e = err(s, m);
+                    if e < best.0 {
+                        best = (e, s, m);
+                    }
+                }
+            }
+            (ls[j], lm[j]) = (best.1, best.2);
+        }
+    }
+    let packed = pack_scale_min_k4(&ls, &lm);
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &packed);
         let dj = d.to_f32() * sc as f32;
@@ -320,10 +386,17 @@ pub fn dequantize_scale_min<B: ScaleMinBlock>(src: &[B], dst: &mut [f32]) {
     }
 }
 
-/// Encodes whole blocks of `len` values of `src` into `dst` with `block`.
-pub fn quantize_blocks<B>(src: &[f32], dst: &mut [B], len: usize, block: impl Fn(&[f32]) -> B) {
-    for (b, x) in dst.iter_mut().zip(src.chunks_exact(len)) {
-        *b = block(x);
+/// Encodes whole blocks of `len` values of `src` into `dst` with `block`,
+/// handing each block its slice of the per-column `importance`.
+pub fn quantize_blocks<B>(
+    src: &[f32],
+    importance: Option<&[f32]>,
+    dst: &mut [B],
+    len: usize,
+    block: impl Fn(&[f32], Option<&[f32]>) -> B,
+) {
+    for (i, (b, x)) in dst.iter_mut().zip(src.chunks_exact(len)).enumerate() {
+        *b = block(x, importance.map(|imp| &imp[i * len..(i + 1) * len]));
     }
 }
 
@@ -389,10 +462,53 @@ mod tests {
         }
     }
 
+    /// Importance-weighted rounding must lower the error it weighs: over
+    /// many random super-blocks with skewed column importance, the
+    /// importance-weighted squared error of the weighted Q4_K/Q5_K/Q4_0
+    /// blocks is below the reference quantizer's.
+    #[test]
+    fn weighted_rounding_lowers_the_weighted_error() {
+        use crate::quant::{dequantize_row, quantize_row, GgmlType};
+        let mut state = 0x2545_f491_u32;
+        let mut rnd = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as f32 / u32::MAX as f32 - 0.5
+        };
+        let cols = 4 * QK_K;
+        // A few loud columns, as real activations have.
+        let importance: Vec<f32> = (0..cols)
+            .map(|i| if i % 37 == 0 { 30.0 } else { 0.2 + rnd().abs() })
+            .collect();
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q4_0] {
+            let (mut plain, mut weighted) = (0.0f64, 0.0f64);
+            let mut bytes = vec![0u8; ty.row_bytes(cols).unwrap()];
+            let mut y = vec![0.0f32; cols];
+            for _ in 0..64 {
+                let x: Vec<f32> = (0..cols).map(|_| rnd() * (1.0 + rnd())).collect();
+                for (imp, total) in [(None, &mut plain), (Some(&importance[..]), &mut weighted)] {
+                    quantize_row(ty, &x, imp, &mut bytes);
+                    dequantize_row(ty, &bytes, &mut y);
+                    *total += x
+                        .iter()
+                        .zip(&y)
+                        .zip(&importance)
+                        .map(|((a, b), w)| (*w * (a - b) * (a - b)) as f64)
+                        .sum::<f64>();
+                }
+            }
+            assert!(
+                weighted < 0.9 * plain,
+                "{ty}: weighted error {weighted:.4e} vs reference {plain:.4e}"
+            );
+        }
+    }
+
     #[test]
     fn qx_all_zero_group_gives_zero_scale() {
         let mut l = [5i8; 16];
-        assert_eq!(make_qx(&[0.0; 16], 32, &mut l), 0.0);
+        assert_eq!(make_qx(&[0.0; 16], 32, &mut l, None), 0.0);
         assert!(l.iter().all(|&v| v == 0));
     }
 }

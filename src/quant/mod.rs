@@ -136,16 +136,24 @@ impl std::fmt::Display for GgmlType {
 
 /// Encodes one row of `src` as `ty` into `dst` (exactly `ty.row_bytes(src.len())` bytes).
 ///
+/// `importance` (one positive value per column, from calibration) makes
+/// Q4_0 and the k-quants round to minimise the importance-weighted error
+/// instead of the reference's; the other types ignore it. Without it every
+/// type is ggml's reference quantizer.
+///
 /// Panics if the sizes disagree: callers size buffers from the same shape.
-pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+pub fn quantize_row(ty: GgmlType, src: &[f32], importance: Option<&[f32]>, dst: &mut [u8]) {
     assert_eq!(Some(dst.len()), ty.row_bytes(src.len()), "row buffer size");
+    if let Some(imp) = importance {
+        assert_eq!(imp.len(), src.len(), "importance length");
+    }
     match ty {
         GgmlType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
         GgmlType::F16 => f16::encode_row(src, dst),
-        GgmlType::Q4_0 => q4_0::quantize_row(src, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q4_0 => q4_0::quantize_row(src, importance, bytemuck::cast_slice_mut(dst)),
         GgmlType::Q8_0 => q8_0::quantize_row(src, bytemuck::cast_slice_mut(dst)),
-        GgmlType::Q4_K => q4_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
-        GgmlType::Q5_K => q5_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q4_K => q4_k::quantize_row(src, importance, bytemuck::cast_slice_mut(dst)),
+        GgmlType::Q5_K => q5_k::quantize_row(src, importance, bytemuck::cast_slice_mut(dst)),
         GgmlType::Q6_K => q6_k::quantize_row(src, bytemuck::cast_slice_mut(dst)),
     }
 }

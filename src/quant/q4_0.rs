@@ -3,6 +3,7 @@
 //! Byte `j` of `qs` holds element `j` in its low nibble and element `j + 16`
 //! in its high nibble (ggml's layout, not pairwise interleaving).
 
+use super::k_search::{importance_weights, make_qx, nearest_int};
 use super::QK;
 use bytemuck::{Pod, Zeroable};
 use half::f16;
@@ -46,10 +47,33 @@ pub fn quantize_block(x: &[f32]) -> BlockQ4_0 {
     }
 }
 
-pub fn quantize_row(src: &[f32], dst: &mut [BlockQ4_0]) {
-    for (b, x) in dst.iter_mut().zip(src.chunks_exact(QK)) {
-        *b = quantize_block(x);
+/// Importance-weighted Q4_0 (calibration): the scale that minimises the
+/// error weighted by [`importance_weights`], searched as the k-quants
+/// search theirs ([`make_qx`] with levels −8..=7), then every level
+/// rounded against the stored f16 scale. The block layout is unchanged.
+pub fn quantize_block_weighted(x: &[f32], importance: &[f32]) -> BlockQ4_0 {
+    let mut w = [0.0f32; QK];
+    importance_weights(x, importance, &mut w);
+    let mut l = [0i8; QK];
+    let d = f16::from_f32(make_qx(x, 8, &mut l, Some(&w)));
+    let df = d.to_f32();
+    if df != 0.0 {
+        for (q, &v) in l.iter_mut().zip(x) {
+            *q = (nearest_int(v / df).clamp(-8, 7) + 8) as i8;
+        }
     }
+    let mut qs = [0u8; QK / 2];
+    for (j, b) in qs.iter_mut().enumerate() {
+        *b = l[j] as u8 | ((l[j + QK / 2] as u8) << 4);
+    }
+    BlockQ4_0 { d: d.to_bits(), qs }
+}
+
+pub fn quantize_row(src: &[f32], importance: Option<&[f32]>, dst: &mut [BlockQ4_0]) {
+    super::k_search::quantize_blocks(src, importance, dst, QK, |x, imp| match imp {
+        Some(imp) => quantize_block_weighted(x, imp),
+        None => quantize_block(x),
+    })
 }
 
 pub fn dequantize_row(src: &[BlockQ4_0], dst: &mut [f32]) {

@@ -41,9 +41,11 @@ impl ScaleMinBlock for BlockQ4K {
 }
 
 /// ggml's `quantize_row_q4_K_ref` for one super-block: levels 0..=15,
-/// scale search from `(15 - 1) / range` in 21 steps of 0.1.
-pub fn quantize_block(x: &[f32]) -> BlockQ4K {
-    let (d, dmin, scales, l) = quantize_scale_min_super(x, 15, -1.0, 20);
+/// scale search from `(15 - 1) / range` in 21 steps of 0.1; with
+/// `importance` (per column, from calibration) the weighted search of
+/// [`quantize_scale_min_super`].
+pub fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ4K {
+    let (d, dmin, scales, l) = quantize_scale_min_super(x, 15, -1.0, 20, importance);
     let mut qs = [0u8; QK_K / 2];
     for run in 0..4 {
         for i in 0..32 {
@@ -58,8 +60,8 @@ pub fn quantize_block(x: &[f32]) -> BlockQ4K {
     }
 }
 
-pub fn quantize_row(src: &[f32], dst: &mut [BlockQ4K]) {
-    quantize_blocks(src, dst, QK_K, quantize_block)
+pub fn quantize_row(src: &[f32], importance: Option<&[f32]>, dst: &mut [BlockQ4K]) {
+    quantize_blocks(src, importance, dst, QK_K, quantize_block)
 }
 
 #[cfg(test)]
@@ -73,7 +75,7 @@ mod tests {
         let x: Vec<f32> = (0..QK_K)
             .map(|i| (i % 16) as f32 * 0.125 - 0.5 * (i / 32) as f32 / 8.0)
             .collect();
-        let b = quantize_block(&x);
+        let b = quantize_block(&x, None);
         let mut y = vec![0.0; QK_K];
         super::super::k_search::dequantize_scale_min(&[b], &mut y);
         let err = x
@@ -86,7 +88,7 @@ mod tests {
 
     #[test]
     fn zero_block_is_zero() {
-        let b = quantize_block(&[0.0; QK_K]);
+        let b = quantize_block(&[0.0; QK_K], None);
         let mut y = vec![1.0; QK_K];
         super::super::k_search::dequantize_scale_min(&[b], &mut y);
         assert!(y.iter().all(|&v| v == 0.0));

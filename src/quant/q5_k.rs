@@ -36,9 +36,10 @@ impl ScaleMinBlock for BlockQ5K {
 }
 
 /// ggml's `quantize_row_q5_K_ref` for one super-block: levels 0..=31,
-/// scale search from `(31 - 0.5) / range` in 16 steps of 0.1.
-pub fn quantize_block(x: &[f32]) -> BlockQ5K {
-    let (d, dmin, scales, l) = quantize_scale_min_super(x, 31, -0.5, 15);
+/// scale search from `(31 - 0.5) / range` in 16 steps of 0.1; with
+/// `importance` the weighted search of [`quantize_scale_min_super`].
+pub fn quantize_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ5K {
+    let (d, dmin, scales, l) = quantize_scale_min_super(x, 31, -0.5, 15, importance);
     let (mut qs, mut qh) = ([0u8; QK_K / 2], [0u8; QK_K / 8]);
     for run in 0..4 {
         for i in 0..32 {
@@ -56,8 +57,8 @@ pub fn quantize_block(x: &[f32]) -> BlockQ5K {
     }
 }
 
-pub fn quantize_row(src: &[f32], dst: &mut [BlockQ5K]) {
-    quantize_blocks(src, dst, QK_K, quantize_block)
+pub fn quantize_row(src: &[f32], importance: Option<&[f32]>, dst: &mut [BlockQ5K]) {
+    quantize_blocks(src, importance, dst, QK_K, quantize_block)
 }
 
 #[cfg(test)]
@@ -67,7 +68,7 @@ mod tests {
     #[test]
     fn high_bits_land_in_qh_and_round_trip() {
         let x: Vec<f32> = (0..QK_K).map(|i| ((i * 7) % 32) as f32 * 0.0625).collect();
-        let b = quantize_block(&x);
+        let b = quantize_block(&x, None);
         assert!(b.qh.iter().any(|&h| h != 0), "levels above 15 need qh bits");
         let mut y = vec![0.0; QK_K];
         super::super::k_search::dequantize_scale_min(&[b], &mut y);

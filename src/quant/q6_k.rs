@@ -41,7 +41,7 @@ pub fn quantize_block(x: &[f32]) -> BlockQ6K {
     let mut scales = [0.0f32; QK_K / 16];
     let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
     for (ib, s) in scales.iter_mut().enumerate() {
-        *s = make_qx(&x[16 * ib..16 * (ib + 1)], 32, &mut l[16 * ib..]);
+        *s = make_qx(&x[16 * ib..16 * (ib + 1)], 32, &mut l[16 * ib..], None);
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = *s;
@@ -86,7 +86,7 @@ pub fn quantize_block(x: &[f32]) -> BlockQ6K {
 }
 
 pub fn quantize_row(src: &[f32], dst: &mut [BlockQ6K]) {
-    super::k_search::quantize_blocks(src, dst, QK_K, quantize_block)
+    super::k_search::quantize_blocks(src, None, dst, QK_K, |x, _| quantize_block(x))
 }
 
 /// `(d·sc)·q`, rounded as the reference and the `gguf` package round it.

@@ -37,5 +37,5 @@ pub fn quantize_block(x: &[f32]) -> BlockQ8K {
 }
 
 pub fn quantize_row(src: &[f32], dst: &mut [BlockQ8K]) {
-    super::k_search::quantize_blocks(src, dst, QK_K, quantize_block)
+    super::k_search::quantize_blocks(src, None, dst, QK_K, |x, _| quantize_block(x))
 }

@@ -101,7 +101,9 @@ fn work_dir() -> &'static Path {
         .path()
 }
 
-/// Converts `fixture` with `preset` (once per test process) and returns the GGUF path.
+/// Converts `fixture` with `preset` (once per test process) and returns the
+/// GGUF path. `PRESET+calibrated` calibrates on the shared fine-tuning
+/// sample (`chat_sample.jsonl`, the default token budget).
 pub fn converted(fixture_name: &str, preset: &str) -> PathBuf {
     static DONE: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let done = DONE.get_or_init(Default::default);
@@ -111,12 +113,20 @@ pub fn converted(fixture_name: &str, preset: &str) -> PathBuf {
         return p.clone();
     }
     let out = work_dir().join(format!("{key}.gguf"));
+    let (preset, calibrated) = match preset.strip_suffix("+calibrated") {
+        Some(p) => (p, true),
+        None => (preset, false),
+    };
     let opts = convert::Options {
         input: fixture(fixture_name),
         output: out.clone(),
         preset: Preset::parse(preset).expect("known preset"),
         force: true,
         threads: 2,
+        calibration: calibrated.then(|| convert::CalibrationInput {
+            path: shared().join("crystalchat/chat_sample.jsonl"),
+            max_tokens: crystal_quantize::calibrate::DEFAULT_TOKENS,
+        }),
     };
     convert::convert(&opts, &mut Silent).unwrap_or_else(|e| panic!("converting {key}: {e:#}"));
     done.insert(key, out.clone());

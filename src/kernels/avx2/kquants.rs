@@ -595,12 +595,12 @@ mod tests {
             }
             out
         }
-        let q4 = crate::quant::q4_k::quantize_block(&x);
+        let q4 = crate::quant::q4_k::quantize_block(&x, None);
         assert_eq!(
             levels(&q4),
             (0..QK_K).map(|i| q4.level(i)).collect::<Vec<_>>()
         );
-        let q5 = crate::quant::q5_k::quantize_block(&x);
+        let q5 = crate::quant::q5_k::quantize_block(&x, None);
         assert_eq!(
             levels(&q5),
             (0..QK_K).map(|i| q5.level(i)).collect::<Vec<_>>()

@@ -1,6 +1,8 @@
 //! Element-wise and normalisation operations of the forward pass. They are
 //! a few percent of the time next to the matrix products, so they stay
-//! scalar and readable until a profile says otherwise.
+//! scalar and readable until a profile says otherwise. Outside the engine
+//! (no `runtime` feature needed) because the quantizer's calibration pass
+//! runs the same math on the checkpoint's f32 weights.
 
 /// `LayerNorm` with biased variance, as `torch.nn.LayerNorm` computes it.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
