@@ -422,6 +422,11 @@ def id_seeds(out, shared):
     put(out, "detokenize", "utf8-split", ids([byte_id(b) for b in "é€😀".encode()]))
     put(out, "detokenize", "invalid", ids([byte_id(0xE2), byte_id(0x41), byte_id(0xF0), byte_id(0x9F)]))
     put(out, "detokenize", "specials", ids([1, 2, 32018, 32031, 32032, 40000]))
+    # Calibration token files: both line formats, and the refused ones.
+    samples = sample_ids(shared, 3)
+    lines = [json.dumps({"token_ids": s[:40]}) for s in samples] + [json.dumps(s[:20]) for s in samples]
+    put(out, "calibration", "sample", "\n".join(lines).encode())
+    put(out, "calibration", "bad", b'[1, 2]\n\n{"ids": [3]}\n[1, -2, 3.5, 40000, "x"]\n42\nnot json\n')
 
 
 def main():

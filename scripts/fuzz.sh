@@ -27,7 +27,7 @@ if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then
     seconds=$1
     shift
 fi
-all=(gguf safetensors pytorch zip pickle request http chat detokenize)
+all=(gguf safetensors pytorch zip pickle request http chat detokenize calibration)
 targets=("${@:-${all[@]}}")
 sanitizer=${FUZZ_SANITIZER:-none}
 jobs=${FUZZ_JOBS:-1}

@@ -53,10 +53,28 @@ pub fn read_token_file(
 ) -> Result<Vec<Vec<u32>>> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open the calibration file {}", path.display()))?;
-    let at = |n: usize| format!("calibration file {} line {n}", path.display());
+    let name = format!("calibration file {}", path.display());
+    parse_token_lines(
+        std::io::BufReader::new(file),
+        &name,
+        vocab,
+        chunk_len,
+        max_tokens,
+    )
+}
+
+/// [`read_token_file`] on any reader; `name` starts every error message.
+pub fn parse_token_lines(
+    input: impl BufRead,
+    name: &str,
+    vocab: usize,
+    chunk_len: usize,
+    max_tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let at = |n: usize| format!("{name} line {n}");
     let mut chunks = Vec::new();
     let mut total = 0;
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+    for (i, line) in input.lines().enumerate() {
         if total >= max_tokens {
             break;
         }
@@ -77,10 +95,10 @@ pub fn read_token_file(
                 at(i + 1)
             ),
         };
-        let mut seq = Vec::with_capacity(ids.len());
+        let mut seq = Vec::with_capacity(ids.len().min(max_tokens - total));
         for (k, id) in ids.iter().enumerate() {
             match id.as_u64() {
-                Some(id) if (id as usize) < vocab => seq.push(id as u32),
+                Some(id) if id < vocab as u64 => seq.push(id as u32),
                 Some(id) => bail!(
                     "{}: token id {id} (position {k}) is outside the model's vocabulary of {vocab}",
                     at(i + 1)
@@ -93,7 +111,7 @@ pub fn read_token_file(
         chunks.extend(seq.chunks(chunk_len.max(1)).map(<[u32]>::to_vec));
     }
     if chunks.is_empty() {
-        bail!("the calibration file {} holds no token ids", path.display());
+        bail!("the {name} holds no token ids");
     }
     Ok(chunks)
 }
