@@ -40,7 +40,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # cpu, the kernel sets it must offer (best first), the one the engine runs,
 # which engine fixture tests (test-name filters and --skip options).
-for spec in "cortex-a72 neon,scalar neon --skip q4_k_s --skip q6_k" \
+# The calibration tests exercise the quantizer (portable f32 code), not the
+# kernels, and would take minutes emulated: they run natively only.
+for spec in "cortex-a72 neon,scalar neon --skip q4_k_s --skip q6_k --skip calibration" \
     "max neon-dotprod,neon,scalar neon-dotprod q4_0_quality q8_0_quality q4_k_m q5_k_m"; do
     read -r cpu expect engine filters <<<"$spec"
     start=$SECONDS
