@@ -136,12 +136,12 @@ def llama(name):
     return st.median(pp), st.median(tg), peak_gib(name), spread
 
 def crystald(name):
-    rows = [l for l in open(f"{res}/{name}.out") if re.match(r"\|\s*\d+\s*\|", l)]
+    rows = [l for l in open(f"{res}/{name}.out") if re.match(r"\|\s*(cpu|cuda)\s*\|\s*\d+\s*\|", l)]
     c = [x.strip() for x in rows[-1].strip().strip("|").split("|")]
-    # threads, prefill, decode, load ms, peak RSS MiB, anon RSS MiB, KV MiB,
-    # read GB/s, ceiling tok/s, decode / ceiling (medians)
-    return (float(c[1]), float(c[2]), peak_gib(name),
-            f"(medians only; anon {c[5]} MiB; read {c[7]} GB/s, ceiling {c[8]} tok/s)", float(c[8]))
+    # device, threads, prefill, decode, load ms, peak RSS MiB, anon RSS MiB,
+    # KV MiB, GPU MiB, read GB/s, ceiling tok/s, decode / ceiling (medians)
+    return (float(c[2]), float(c[3]), peak_gib(name),
+            f"(medians only; anon {c[6]} MiB; read {c[9]} GB/s, ceiling {c[10]} tok/s)", float(c[10]))
 
 engines = [("llama.cpp default (repack)", "llama-default", llama),
            ("llama.cpp --repack 0 (mmap)", "llama-norepack", llama)]
