@@ -380,9 +380,7 @@ pub fn convert(opts: &Options, progress: &mut dyn Progress) -> Result<Summary> {
         if let Some(next) = descs.get(i + 1).and_then(|n| ckpt.get(&n.hf_name)) {
             ckpt.prefetch(&next);
         }
-        checkpoint::to_f32(&t, &mut src)
-            .with_context(|| format!("reading tensor '{}'", d.hf_name))?;
-        check_finite(&d.hf_name, &src)?;
+        read_checked(&t, &d.hf_name, &mut src)?;
         if d.kind == Kind::Embedding {
             if let Some(h) = &lm_head {
                 verify_tied(h, &src)?;
@@ -471,8 +469,7 @@ pub(crate) fn read_laid_out(ckpt: &Checkpoint, d: &TensorDesc, threads: usize) -
         .get(&d.hf_name)
         .with_context(|| format!("tensor '{}' is missing from the checkpoint", d.hf_name))?;
     let mut src = Vec::new();
-    checkpoint::to_f32(&t, &mut src).with_context(|| format!("reading tensor '{}'", d.hf_name))?;
-    check_finite(&d.hf_name, &src)?;
+    read_checked(&t, &d.hf_name, &mut src)?;
     ckpt.release(&t);
     let mut scratch = Vec::new();
     let in_place = std::ptr::eq(
@@ -507,6 +504,13 @@ fn check_tensor(t: &TensorRef<'_>, d: &TensorDesc) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A checkpoint tensor as f32 into `out`, refused if any value is NaN or
+/// infinite: what the conversion and the calibration pass both read.
+fn read_checked(t: &TensorRef<'_>, name: &str, out: &mut Vec<f32>) -> Result<()> {
+    checkpoint::to_f32(t, out).with_context(|| format!("reading tensor '{name}'"))?;
+    check_finite(name, out)
 }
 
 fn check_finite(name: &str, values: &[f32]) -> Result<()> {
